@@ -1,0 +1,161 @@
+"""ResNet-18/34/50/101 (He et al. 2016, v1.5 strides) with DeepLab-style dilation.
+
+State-dict keys equal torchvision's ``resnet*`` (``conv1``, ``bn1``, ``layer1.0.conv1``, ...,
+``layerN.0.downsample.{0,1}``), minus the ``fc`` classifier, so a local torchvision
+checkpoint loads with :func:`pixelwise.models.backbones.load_backbone_weights`.
+
+``forward`` returns ``{"c1": stride 2, "c2": 4, "c3": 8, "c4": 16, "c5": 32}`` (nominal
+strides); with ``output_stride`` 16 or 8, stride is traded for dilation in ``c5`` (and
+``c4``), so e.g. at output stride 8 ``c3``, ``c4`` and ``c5`` all have stride 8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def set_stride_dilation(self, stride: int, dilation: int) -> None:
+        self.conv1.stride = (stride, stride)
+        for conv in (self.conv1, self.conv2):
+            conv.dilation = conv.padding = (dilation, dilation)
+        if self.downsample is not None:
+            self.downsample[0].stride = (stride, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        width = channels
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, channels * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def set_stride_dilation(self, stride: int, dilation: int) -> None:
+        self.conv2.stride = (stride, stride)
+        self.conv2.dilation = self.conv2.padding = (dilation, dilation)
+        if self.downsample is not None:
+            self.downsample[0].stride = (stride, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+_DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """ResNet feature extractor.
+
+    Args:
+        depth: 18, 34, 50 or 101.
+        in_channels: input image channels.
+        output_stride: 32 (plain), 16 (``c5`` dilated) or 8 (``c4`` and ``c5`` dilated).
+        multi_grid: per-block rate multipliers of ``c5`` (DeepLab v3 uses ``(1, 2, 4)``);
+            ``None`` means 1 for every block.
+    """
+
+    def __init__(
+        self,
+        depth: int = 50,
+        in_channels: int = 3,
+        output_stride: int = 32,
+        multi_grid: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if depth not in _DEPTHS:
+            raise ValueError(f"ResNet depth={depth} is not supported; choose one of {sorted(_DEPTHS)}")
+        block, layers = _DEPTHS[depth]
+        self.depth = depth
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self._in = 64
+        self.layer1 = self._make_layer(block, 64, layers[0], stride=1)
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        e = block.expansion
+        self.out_channels = {"c1": 64, "c2": 64 * e, "c3": 128 * e, "c4": 256 * e, "c5": 512 * e}
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.set_output_stride(output_stride, multi_grid)
+
+    def _make_layer(self, block: type[nn.Module], channels: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self._in != channels * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self._in, channels * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(channels * block.expansion),
+            )
+        layers = [block(self._in, channels, stride, downsample)]
+        self._in = channels * block.expansion
+        layers += [block(self._in, channels) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def set_output_stride(self, output_stride: int, multi_grid: Sequence[int] | None = None) -> None:
+        """Re-wire strides and dilations in place; the weights stay the same.
+
+        A model trained at output stride 16 can be evaluated at 8 (DeepLab v3, Sec. 4.1).
+        """
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride={output_stride} is not supported; choose 8, 16 or 32")
+        n4 = len(self.layer4)
+        multi_grid = tuple(multi_grid) if multi_grid is not None else (1,) * n4
+        if len(multi_grid) != n4:
+            raise ValueError(f"multi_grid={multi_grid} needs one rate per block of layer4 ({n4} blocks)")
+        rate3, rate4 = {32: (1, 1), 16: (1, 2), 8: (2, 4)}[output_stride]
+        for layer, rate, grid in ((self.layer3, rate3, (1,) * len(self.layer3)), (self.layer4, rate4, multi_grid)):
+            for i, blk in enumerate(layer):
+                stride = 2 if (i == 0 and rate == 1) else 1
+                blk.set_stride_dilation(stride, rate * grid[i])
+        self.output_stride = output_stride
+        self.multi_grid = multi_grid
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(N, C, H, W) -> dict of feature maps ``c1``..``c5`` (see module docstring)."""
+        c1 = self.relu(self.bn1(self.conv1(x)))
+        c2 = self.layer1(self.maxpool(c1))
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return {"c1": c1, "c2": c2, "c3": c3, "c4": c4, "c5": c5}
+

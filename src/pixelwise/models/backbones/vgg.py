@@ -1,0 +1,53 @@
+"""VGG16 (Simonyan & Zisserman 2015), with or without batch norm, as a 5-stage feature extractor.
+
+``features`` is laid out exactly as torchvision's ``vgg16`` / ``vgg16_bn`` (keys
+``features.{i}.weight``), so a local torchvision checkpoint loads with
+:func:`pixelwise.models.backbones.load_backbone_weights`. The classifier is not built
+here; FCN converts it to convolutions itself.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+VGG16_CHANNELS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG16(nn.Module):
+    """VGG16 convolutional layers conv1_1 .. pool5.
+
+    Args:
+        in_channels: input image channels.
+        batch_norm: the ``vgg16_bn`` layout (Conv-BN-ReLU) instead of Conv-ReLU.
+        first_padding: padding of conv1_1 (FCN uses 100); the other convs pad 1.
+    """
+
+    def __init__(self, in_channels: int = 3, batch_norm: bool = False, first_padding: int = 1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in VGG16_CHANNELS:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+                continue
+            layers.append(nn.Conv2d(c, v, 3, padding=first_padding if not layers else 1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(v))
+            layers.append(nn.ReLU(inplace=True))
+            c = v
+        self.features = nn.Sequential(*layers)
+        self._pools = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
+        self.out_channels = {"c1": 64, "c2": 128, "c3": 256, "c4": 512, "c5": 512}
+
+    def stages(self) -> list[tuple[nn.Sequential, nn.MaxPool2d]]:
+        """The five (convs, pool) pairs; models run them in turn and tap what they need.
+
+        The pools are the live modules, so a model may swap their settings (stride,
+        ``ceil_mode``, ``return_indices``) without touching the state-dict keys.
+        """
+        starts = [0] + [p + 1 for p in self._pools[:-1]]
+        return [(self.features[s:p], self.features[p]) for s, p in zip(starts, self._pools)]
+
+    def replace_pool(self, stage: int, pool: nn.MaxPool2d) -> None:
+        """Swap the pool after stage ``stage`` (1..5), e.g. for a 3x3 stride-1 pool (DeepLab v1)."""
+        self.features[self._pools[stage - 1]] = pool

@@ -1,0 +1,77 @@
+"""Small building blocks shared by the model files."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvBNReLU(nn.Sequential):
+    """Conv2d -> BatchNorm2d -> ReLU; ``padding`` defaults to "same" for odd kernels.
+
+    Keys: ``0.weight`` (conv, no bias), ``1.*`` (BN).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        padding: int | None = None,
+    ) -> None:
+        if padding is None:
+            padding = dilation * (kernel_size - 1) // 2
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class SeparableConv2d(nn.Sequential):
+    """Depthwise conv -> BN -> ReLU -> pointwise 1x1 conv -> BN -> ReLU (DeepLab v3+ style)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+    ) -> None:
+        super().__init__(
+            ConvBNReLU(in_channels, in_channels, kernel_size, stride, dilation, groups=in_channels),
+            ConvBNReLU(in_channels, out_channels, 1),
+        )
+
+
+def bilinear_kernel(channels: int, kernel_size: int) -> torch.Tensor:
+    """Weights (C, C, k, k) that make ConvTranspose2d a per-channel bilinear upsampler (FCN)."""
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    og = torch.arange(kernel_size, dtype=torch.float64)
+    filt1d = 1 - (og - center).abs() / factor
+    filt = filt1d[:, None] * filt1d[None, :]
+    weight = torch.zeros(channels, channels, kernel_size, kernel_size, dtype=torch.float64)
+    weight[range(channels), range(channels)] = filt
+    return weight.float()
+
+
+def crop_to(x: torch.Tensor, height: int, width: int, top: int | None = None, left: int | None = None) -> torch.Tensor:
+    """Crop (N, C, H, W) to (N, C, height, width); centred unless ``top``/``left`` are given."""
+    if top is None:
+        top = (x.shape[-2] - height) // 2
+    if left is None:
+        left = (x.shape[-1] - width) // 2
+    return x[..., top : top + height, left : left + width]
+
+
+def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinear resize of (N, C, h, w) to (N, C, *size) (align_corners=False); no-op if equal."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)

@@ -1,0 +1,86 @@
+"""One registry of model builders: ``create_model``, ``list_models``, ``save_model``, ``load_model``."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pixelwise.io import atomic_write, atomic_write_text
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+"""Model name -> keyword-only builder ``(num_classes, in_channels, ...) -> nn.Module``.
+
+Filled in :mod:`pixelwise.models` from the model files, one line per model.
+"""
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`, sorted."""
+    return sorted(MODELS)
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
+    """Build a model by name.
+
+    The model maps (N, in_channels, H, W) float images to (N, num_classes, H, W) logits
+    for any H, W. Its creation arguments are kept in ``model.config`` so that
+    :func:`save_model` / :func:`load_model` can rebuild it.
+
+    Example:
+        >>> model = create_model("unet", num_classes=3, base_channels=8)
+    """
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, MODELS, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Valid names: {', '.join(list_models())}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    builder = MODELS[name]
+    accepted = inspect.signature(builder).parameters
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        options = [p for p in accepted if p not in ("num_classes", "in_channels")]
+        raise ValueError(f"model {name!r} does not take {', '.join(unknown)}; its options are: {', '.join(options) or 'none'}")
+    model = builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    model.config = {"name": name, "num_classes": num_classes, "in_channels": in_channels, **kwargs}
+    return model
+
+
+def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``path`` (.safetensors weights) and ``path`` with suffix ``.json`` (config), atomically.
+
+    ``extra`` (e.g. class names, normalisation) is stored in the JSON under ``"extra"``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path).with_suffix(".safetensors")
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError("save_model needs a model built by create_model (it has no .config)")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+    atomic_write_text(path.with_suffix(".json"), json.dumps({"model": config, "extra": extra or {}}, indent=2))
+    return path
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_model`; returns ``(model, extra)``. Never unpickles."""
+    from safetensors.torch import load_file
+
+    path = Path(path).with_suffix(".safetensors")
+    meta_path = path.with_suffix(".json")
+    for p in (path, meta_path):
+        if not p.is_file():
+            raise ValueError(f"checkpoint file {str(p)!r} does not exist; pass a .safetensors written by pixelwise")
+    meta = json.loads(meta_path.read_text())
+    config = dict(meta["model"])
+    model = create_model(config.pop("name"), **config)
+    model.load_state_dict(load_file(str(path)))
+    return model, meta.get("extra", {})
+
