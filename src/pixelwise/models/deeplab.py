@@ -1,3 +1,418 @@
-"""(in progress)"""
+"""The DeepLab family: v1 LargeFOV, v2 ASPP-L, v3 and v3+ (Chen et al. 2015-2018).
 
-MODELS: dict = {}
+- v1 LargeFOV (https://arxiv.org/abs/1412.7062): VGG16 with 3x3 pools, pool4/pool5 at
+  stride 1 (output stride 8), conv5 at dilation 2, a 3x3 stride-1 average pool
+  (``pool5a`` of the released prototxt), fc6 3x3 dilation 12 (1024), fc7 1x1 (1024),
+  fc8 1x1 to classes, x8 bilinear upsampling.
+- v2 (https://arxiv.org/abs/1606.00915): ResNet at output stride 8; ASPP-L = four 3x3
+  convs at rates 6/12/18/24 straight to class scores, summed.
+- v3 (https://arxiv.org/abs/1706.05587): ResNet with multi-grid (1, 2, 4) in ``layer4``;
+  ASPP (1x1, three 3x3 at rates 6/12/18 at output stride 16 or 12/24/36 at 8, image
+  pooling; 256 channels + BN + ReLU each), 1x1 projection; 3x3 conv + 1x1 classifier.
+  Layout and keys are torchvision's ``deeplabv3_resnet*`` (``backbone``, ``classifier``,
+  ``aux_classifier``).
+- v3+ (https://arxiv.org/abs/1802.02611): the v3 encoder plus a decoder that fuses the
+  stride-4 features; optional depthwise separable convs; ResNet, aligned Xception-65 or
+  MobileNetV2 backbone.
+
+v3 and v3+ switch output stride in place (``set_output_stride``): the backbone's dilation
+and the ASPP rates change together, the weights stay, so a model trained at 16 can be
+evaluated at 8 (DeepLab v3, Sec. 4.1).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pixelwise.models.backbones import VGG16, create_backbone
+from pixelwise.models.layers import ConvBNReLU, SeparableConv2d, resize_to
+
+ASPP_RATES_OS16 = (6, 12, 18)
+"""ASPP rates at output stride 16; they scale with 16 / output_stride (12/24/36 at 8)."""
+
+
+def aspp_rates(output_stride: int) -> tuple[int, ...]:
+    """The ASPP atrous rates at ``output_stride`` (8, 16 or 32): (12, 24, 36), (6, 12, 18), (3, 6, 9)."""
+    return tuple(r * 16 // output_stride for r in ASPP_RATES_OS16)
+
+
+# ---------------------------------------------------------------------------- blocks
+
+
+class ASPPL(nn.Module):
+    """DeepLab v2 ASPP-L: parallel 3x3 convs (with bias) at ``rates`` to class scores, summed.
+
+    (N, C, h, w) -> (N, K, h, w). Initialised as the reference prototxt: N(0, 0.01), bias 0.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24)) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r) for r in rates)
+        for conv in self.branches:
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([branch(x) for branch in self.branches]).sum(0)
+
+
+class ASPPPooling(nn.Sequential):
+    """Image-level features: global average pool -> 1x1 conv -> BN -> ReLU -> upsample to (h, w).
+
+    Its BN sees one value per channel and image, so training needs a batch of 2 or more;
+    eval mode works with any batch.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return resize_to(super().forward(x), x.shape[-2:])
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (DeepLab v3, v3+), torchvision's layout.
+
+    Branches ``convs.0`` 1x1 conv, ``convs.1..3`` 3x3 convs at ``rates``, ``convs.4``
+    image pooling, each ``channels`` wide with BN + ReLU; concatenated, then ``project``:
+    1x1 conv -> BN -> ReLU -> dropout. (N, C, h, w) -> (N, channels, h, w).
+
+    Args:
+        in_channels: C.
+        channels: width of every branch and of the output (256 in the papers).
+        rates: dilation of the 3x3 branches; change them with :meth:`set_rates`.
+        separable: depthwise separable 3x3 branches (v3+; BN + ReLU after the depthwise
+            and the pointwise conv).
+        dropout: dropout after the projection (0.5 as torchvision; TF DeepLab uses 0.1).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int = 256,
+        rates: Sequence[int] = ASPP_RATES_OS16,
+        separable: bool = False,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        atrous = SeparableConv2d if separable else ConvBNReLU
+        self.convs = nn.ModuleList(
+            [
+                ConvBNReLU(in_channels, channels, 1),
+                *(atrous(in_channels, channels, 3, dilation=r) for r in rates),
+                ASPPPooling(in_channels, channels),
+            ]
+        )
+        self.project = nn.Sequential(
+            nn.Conv2d(len(self.convs) * channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
+
+    def _atrous_convs(self) -> list[nn.Conv2d]:
+        """The dilated 3x3 conv of each 3x3 branch (the depthwise one when separable)."""
+        return [b[0][0] if isinstance(b, SeparableConv2d) else b[0] for b in self.convs[1:-1]]
+
+    @property
+    def rates(self) -> tuple[int, ...]:
+        """Current dilation of the 3x3 branches."""
+        return tuple(conv.dilation[0] for conv in self._atrous_convs())
+
+    def set_rates(self, rates: Sequence[int]) -> None:
+        """Set the dilation (and "same" padding) of the 3x3 branches in place."""
+        convs = self._atrous_convs()
+        if len(rates) != len(convs):
+            raise ValueError(f"rates={tuple(rates)} needs one rate per 3x3 branch ({len(convs)} values)")
+        for conv, rate in zip(convs, rates):
+            conv.dilation = conv.padding = (rate, rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([branch(x) for branch in self.convs], dim=1))
+
+
+class DeepLabHead(nn.Sequential):
+    """DeepLab v3 head, torchvision's keys: ASPP -> 3x3 conv -> BN -> ReLU -> 1x1 classifier (bias)."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int], channels: int = 256) -> None:
+        super().__init__(
+            ASPP(in_channels, channels, rates),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, num_classes, 1),
+        )
+
+
+class FCNHead(nn.Sequential):
+    """Auxiliary head, torchvision's ``FCNHead``: 3x3 conv to C/4 -> BN -> ReLU -> dropout 0.1 -> 1x1 classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        inter = in_channels // 4
+        super().__init__(
+            nn.Conv2d(in_channels, inter, 3, padding=1, bias=False),
+            nn.BatchNorm2d(inter),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.1),
+            nn.Conv2d(inter, num_classes, 1),
+        )
+
+
+class Decoder(nn.Module):
+    """DeepLab v3+ decoder: refine the encoder output with stride-4 features.
+
+    ``low`` (N, C_low, H/4, W/4) -> 1x1 conv to ``reduced_channels`` (48) + BN + ReLU; concatenated
+    after the encoder output (N, C, h, w) upsampled bilinearly to (H/4, W/4); two 3x3 convs
+    of ``channels`` + BN + ReLU (depthwise separable if asked). Output (N, channels, H/4, W/4).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        low_level_channels: int,
+        channels: int = 256,
+        reduced_channels: int = 48,
+        separable: bool = False,
+    ) -> None:
+        super().__init__()
+        conv = SeparableConv2d if separable else ConvBNReLU
+        self.reduce = ConvBNReLU(low_level_channels, reduced_channels, 1)
+        self.fuse = nn.Sequential(conv(in_channels + reduced_channels, channels, 3), conv(channels, channels, 3))
+
+    def forward(self, x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        low = self.reduce(low)
+        return self.fuse(torch.cat([resize_to(x, low.shape[-2:]), low], dim=1))
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class DeepLabV1(nn.Module):
+    """DeepLab v1 LargeFOV: VGG16 (output stride 8) -> pool5a -> fc6/fc7/fc8 -> x8 bilinear.
+
+    ``backbone.features`` keeps torchvision's ``vgg16`` keys; the head's keys are the
+    prototxt's layer names (``head.fc6``, ``head.fc7``, ``head.fc8``). Pools 1-3 are 3x3
+    stride 2 pad 1, so the fc6 input is (N, 512, ceil(H/8), ceil(W/8)) (41 x 41 for the
+    paper's 321 x 321 crops, as in Caffe); logits are upsampled x8 then resized to (H, W).
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.backbone = VGG16(in_channels, batch_norm=False)
+        for stage in (1, 2, 3):
+            self.backbone.replace_pool(stage, nn.MaxPool2d(3, 2, 1))
+        for stage in (4, 5):
+            self.backbone.replace_pool(stage, nn.MaxPool2d(3, 1, 1))
+        conv5, _ = self.backbone.stages()[4]
+        for m in conv5:
+            if isinstance(m, nn.Conv2d):
+                m.dilation = m.padding = (2, 2)
+        self.pool5a = nn.AvgPool2d(3, 1, 1)  # Caffe AVE pooling counts the padding, as here
+        self.head = nn.Sequential(
+            OrderedDict(
+                fc6=nn.Conv2d(512, 1024, 3, padding=12, dilation=12),
+                relu6=nn.ReLU(inplace=True),
+                drop6=nn.Dropout(0.5),
+                fc7=nn.Conv2d(1024, 1024, 1),
+                relu7=nn.ReLU(inplace=True),
+                drop7=nn.Dropout(0.5),
+                fc8=nn.Conv2d(1024, num_classes, 1),
+            )
+        )
+        nn.init.normal_(self.head.fc8.weight, std=0.01)
+        nn.init.zeros_(self.head.fc8.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, K, H, W) logits."""
+        out = self.head(self.pool5a(self.backbone.features(x)))
+        out = F.interpolate(out, scale_factor=8, mode="bilinear", align_corners=False)
+        return resize_to(out, x.shape[-2:])
+
+
+class DeepLabV2(nn.Module):
+    """DeepLab v2: ResNet at output stride 8 -> ASPP-L on ``c5`` -> bilinear resize to the input."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.aspp = ASPPL(backbone.out_channels["c5"], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, K, H, W) logits."""
+        return resize_to(self.aspp(self.backbone(x)["c5"]), x.shape[-2:])
+
+
+class DeepLabV3(nn.Module):
+    """DeepLab v3: backbone -> :class:`DeepLabHead` on ``c5`` -> resize; optional aux head on ``c4``.
+
+    Keys equal torchvision's ``deeplabv3_resnet50/101`` (``backbone.*``, ``classifier.*``,
+    ``aux_classifier.*``). ``forward`` returns the main logits; ``forward_with_aux`` adds
+    ``"aux"`` when the aux head was built (``aux_weights`` is then ``{"aux": 0.4}``).
+
+    Args:
+        backbone: a dilatable backbone (``set_output_stride``, ``out_channels``).
+        num_classes: K.
+        aux: build torchvision's auxiliary :class:`FCNHead` on ``c4``.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, aux: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = DeepLabHead(backbone.out_channels["c5"], num_classes, aspp_rates(backbone.output_stride))
+        self.aux_classifier = FCNHead(backbone.out_channels["c4"], num_classes) if aux else None
+        self.aux_weights: dict[str, float] = {"aux": 0.4} if aux else {}
+
+    @property
+    def output_stride(self) -> int:
+        return self.backbone.output_stride
+
+    def set_output_stride(self, output_stride: int) -> None:
+        """Switch backbone dilation and ASPP rates together (8, 16 or 32), in place."""
+        self.backbone.set_output_stride(output_stride, self.backbone.multi_grid)
+        self.classifier[0].set_rates(aspp_rates(output_stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, K, H, W) logits."""
+        return resize_to(self.classifier(self.backbone(x)["c5"]), x.shape[-2:])
+
+    def forward_with_aux(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(N, C, H, W) -> ``{"out": (N, K, H, W)}`` plus ``"aux"`` (N, K, H, W) if built."""
+        features = self.backbone(x)
+        outputs = {"out": resize_to(self.classifier(features["c5"]), x.shape[-2:])}
+        if self.aux_classifier is not None:
+            outputs["aux"] = resize_to(self.aux_classifier(features["c4"]), x.shape[-2:])
+        return outputs
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLab v3+: backbone -> ASPP on ``c5`` -> :class:`Decoder` with ``c2`` -> 1x1 classifier -> resize.
+
+    Args:
+        backbone: a dilatable backbone whose ``c2`` has stride 4.
+        num_classes: K.
+        separable: depthwise separable convs in the ASPP 3x3 branches and the decoder.
+        channels: width of ASPP and decoder (256).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, separable: bool = False, channels: int = 256) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.aspp = ASPP(backbone.out_channels["c5"], channels, aspp_rates(backbone.output_stride), separable)
+        self.decoder = Decoder(channels, backbone.out_channels["c2"], channels, separable=separable)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    @property
+    def output_stride(self) -> int:
+        return self.backbone.output_stride
+
+    def set_output_stride(self, output_stride: int) -> None:
+        """Switch backbone dilation and ASPP rates together (8, 16 or 32), in place."""
+        self.backbone.set_output_stride(output_stride, self.backbone.multi_grid)
+        self.aspp.set_rates(aspp_rates(output_stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, K, H, W) logits."""
+        features = self.backbone(x)
+        out = self.decoder(self.aspp(features["c5"]), features["c2"])
+        return resize_to(self.classifier(out), x.shape[-2:])
+
+
+# ---------------------------------------------------------------------------- builders
+
+
+def _check_backbone(model: str, backbone: str, choices: Sequence[str]) -> None:
+    if backbone not in choices:
+        raise ValueError(f"{model} backbone={backbone!r} is not supported; choose one of {list(choices)}")
+
+
+def deeplabv1(*, num_classes: int, in_channels: int = 3) -> DeepLabV1:
+    """DeepLab v1 LargeFOV on VGG16 (20,505,429 parameters for 21 classes).
+
+    Args:
+        num_classes: K.
+        in_channels: image channels.
+    """
+    return DeepLabV1(num_classes, in_channels)
+
+
+def deeplabv2(*, num_classes: int, in_channels: int = 3, backbone: str = "resnet101") -> DeepLabV2:
+    """DeepLab v2 with ASPP-L on a ResNet at output stride 8 (ResNet-101, 21 classes: 44,048,532 parameters).
+
+    Args:
+        num_classes: K.
+        in_channels: image channels.
+        backbone: ``"resnet101"`` (the paper, default) or ``"resnet50"``.
+    """
+    _check_backbone("deeplabv2", backbone, ("resnet50", "resnet101"))
+    return DeepLabV2(create_backbone(backbone, in_channels, output_stride=8), num_classes)
+
+
+def deeplabv3(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    backbone: str = "resnet50",
+    output_stride: int = 16,
+    multi_grid: Sequence[int] | None = (1, 2, 4),
+    aux: bool = False,
+) -> DeepLabV3:
+    """DeepLab v3 (torchvision's layout and keys).
+
+    Args:
+        num_classes: K.
+        in_channels: image channels.
+        backbone: ``"resnet50"`` (default) or ``"resnet101"``.
+        output_stride: 16 (default; ASPP rates 6/12/18) or 8 (12/24/36); 32 also works
+            (3/6/9). Change it later with ``model.set_output_stride``.
+        multi_grid: rate multipliers of the three ``layer4`` blocks, default (1, 2, 4);
+            ``None`` for (1, 1, 1), which with ``output_stride=8`` is closest to
+            torchvision's pretrained models.
+        aux: auxiliary FCN head on ``c4`` (loss weight 0.4); off by default so that
+            ``forward`` uses every parameter.
+    """
+    _check_backbone("deeplabv3", backbone, ("resnet50", "resnet101"))
+    return DeepLabV3(create_backbone(backbone, in_channels, output_stride, multi_grid), num_classes, aux)
+
+
+def deeplabv3plus(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    backbone: str = "resnet50",
+    output_stride: int = 16,
+    multi_grid: Sequence[int] | None = None,
+    separable: bool = False,
+) -> DeepLabV3Plus:
+    """DeepLab v3+ (encoder-decoder with atrous separable convolution).
+
+    Args:
+        num_classes: K.
+        in_channels: image channels.
+        backbone: ``"resnet50"`` (default), ``"resnet101"``, ``"xception65"`` (the paper's
+            aligned Xception) or ``"mobilenetv2"`` (fast on CPU).
+        output_stride: 16 (default) or 8; 32 also works. Change it later with
+            ``model.set_output_stride``.
+        multi_grid: rate multipliers of the last stage (three values; ResNet ``layer4`` or
+            the last Xception exit block); default none. Not for ``mobilenetv2``.
+        separable: depthwise separable 3x3 convs in ASPP and decoder, as in the paper.
+    """
+    _check_backbone("deeplabv3plus", backbone, ("resnet50", "resnet101", "xception65", "mobilenetv2"))
+    return DeepLabV3Plus(create_backbone(backbone, in_channels, output_stride, multi_grid), num_classes, separable)
+
+
+MODELS = {
+    "deeplabv1": deeplabv1,
+    "deeplabv2": deeplabv2,
+    "deeplabv3": deeplabv3,
+    "deeplabv3plus": deeplabv3plus,
+}

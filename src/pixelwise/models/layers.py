@@ -75,3 +75,27 @@ def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tens
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Pad (N, C, H, W) by mirroring the border (``reflect``: the edge pixel is not repeated).
+
+    An axis whose pad is not smaller than the image along it cannot be reflected; that axis
+    is padded by repeating its edge pixel (``replicate``) instead.
+    """
+    if top or bottom:
+        mode = "reflect" if max(top, bottom) < x.shape[-2] else "replicate"
+        x = F.pad(x, (0, 0, top, bottom), mode=mode)
+    if left or right:
+        mode = "reflect" if max(left, right) < x.shape[-1] else "replicate"
+        x = F.pad(x, (left, right, 0, 0), mode=mode)
+    return x
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Mirror-pad the bottom and right of (N, C, H, W) so that H and W are multiples of ``multiple``.
+
+    Crop a model's output back with ``crop_to(y, H, W, 0, 0)``.
+    """
+    h, w = x.shape[-2:]
+    return mirror_pad(x, 0, -h % multiple, 0, -w % multiple)

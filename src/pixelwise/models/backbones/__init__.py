@@ -14,12 +14,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pixelwise.models.backbones.mobilenetv2 import MobileNetV2
 from pixelwise.models.backbones.resnet import ResNet
 from pixelwise.models.backbones.vgg import VGG16
+from pixelwise.models.backbones.xception import Xception65
 
-__all__ = ["ResNet", "VGG16", "create_backbone", "load_backbone_weights", "read_state_dict"]
+__all__ = [
+    "MobileNetV2",
+    "ResNet",
+    "VGG16",
+    "Xception65",
+    "create_backbone",
+    "load_backbone_weights",
+    "read_state_dict",
+]
 
 RESNET_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
+BACKBONES = (*RESNET_DEPTHS, "xception65", "mobilenetv2")
 
 
 def create_backbone(
@@ -28,10 +39,21 @@ def create_backbone(
     output_stride: int = 32,
     multi_grid: Sequence[int] | None = None,
 ) -> nn.Module:
-    """Build a dilatable backbone by name: ``resnet18/34/50/101``."""
+    """Build a dilatable backbone by name: ``resnet18/34/50/101``, ``xception65``, ``mobilenetv2``.
+
+    ``multi_grid`` sets the rate multipliers of the last stage (ResNet: one per block of
+    ``layer4``; Xception-65: three, for the convs of the last exit-flow block); MobileNetV2
+    takes none.
+    """
     if name in RESNET_DEPTHS:
         return ResNet(RESNET_DEPTHS[name], in_channels, output_stride, multi_grid)
-    raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(RESNET_DEPTHS)}")
+    if name == "xception65":
+        return Xception65(in_channels, output_stride, multi_grid)
+    if name == "mobilenetv2":
+        if multi_grid is not None:
+            raise ValueError(f"multi_grid={multi_grid} is not supported by mobilenetv2; pass multi_grid=None")
+        return MobileNetV2(in_channels, output_stride)
+    raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -29,10 +29,11 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
-    def set_stride_dilation(self, stride: int, dilation: int) -> None:
+    def set_stride_dilation(self, stride: int, dilation: int, dilation_after: int) -> None:
+        """``dilation`` for the (formerly) strided conv, ``dilation_after`` for the convs after it."""
         self.conv1.stride = (stride, stride)
-        for conv in (self.conv1, self.conv2):
-            conv.dilation = conv.padding = (dilation, dilation)
+        self.conv1.dilation = self.conv1.padding = (dilation, dilation)
+        self.conv2.dilation = self.conv2.padding = (dilation_after, dilation_after)
         if self.downsample is not None:
             self.downsample[0].stride = (stride, stride)
 
@@ -58,7 +59,8 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
-    def set_stride_dilation(self, stride: int, dilation: int) -> None:
+    def set_stride_dilation(self, stride: int, dilation: int, dilation_after: int) -> None:
+        """``dilation`` for the (formerly) strided conv; the 1x1 convs after it need none."""
         self.conv2.stride = (stride, stride)
         self.conv2.dilation = self.conv2.padding = (dilation, dilation)
         if self.downsample is not None:
@@ -134,7 +136,12 @@ class ResNet(nn.Module):
     def set_output_stride(self, output_stride: int, multi_grid: Sequence[int] | None = None) -> None:
         """Re-wire strides and dilations in place; the weights stay the same.
 
-        A model trained at output stride 16 can be evaluated at 8 (DeepLab v3, Sec. 4.1).
+        The block that gives up its stride keeps the rate in force before it and later
+        blocks double it (torchvision's and TF DeepLab's rule), so the network at output
+        stride 8 computes exactly the stride-16 features densely: a model trained at
+        output stride 16 can be evaluated at 8 (DeepLab v3, Sec. 4.1). ``multi_grid``
+        multiplies the rates of layer4's blocks: (1, 2, 4) gives rates (1, 4, 8) at output
+        stride 16 and (2, 8, 16) at 8.
         """
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride={output_stride} is not supported; choose 8, 16 or 32")
@@ -142,11 +149,16 @@ class ResNet(nn.Module):
         multi_grid = tuple(multi_grid) if multi_grid is not None else (1,) * n4
         if len(multi_grid) != n4:
             raise ValueError(f"multi_grid={multi_grid} needs one rate per block of layer4 ({n4} blocks)")
-        rate3, rate4 = {32: (1, 1), 16: (1, 2), 8: (2, 4)}[output_stride]
-        for layer, rate, grid in ((self.layer3, rate3, (1,) * len(self.layer3)), (self.layer4, rate4, multi_grid)):
-            for i, blk in enumerate(layer):
-                stride = 2 if (i == 0 and rate == 1) else 1
-                blk.set_stride_dilation(stride, rate * grid[i])
+        rate = 1
+        for layer, dilate, grid in (
+            (self.layer3, output_stride <= 8, (1,) * len(self.layer3)),
+            (self.layer4, output_stride <= 16, multi_grid),
+        ):
+            before = rate
+            rate *= 2 if dilate else 1
+            layer[0].set_stride_dilation(1 if dilate else 2, before * grid[0], rate * grid[0])
+            for blk, g in zip(layer[1:], grid[1:]):
+                blk.set_stride_dilation(1, rate * g, rate * g)
         self.output_stride = output_stride
         self.multi_grid = multi_grid
 

@@ -1,0 +1,440 @@
+"""Prediction on images of any size: sliding window / overlap-tile, strip-wise labels, TTA.
+
+All entry points return probabilities, not logits: softmax over the K channels, or a
+sigmoid when the model has a single output channel (K == 1, binary / edge models).
+Put the model in eval mode (``model.eval()``) and on the image's device before calling;
+these functions never change the model's mode. Model calls run under
+``torch.inference_mode``; the returned tensors are ordinary tensors.
+
+Two kinds of model are supported:
+
+- "same" models (the package convention): ``model(x)`` maps (B, C, h, w) to
+  (B, K, h, w) logits.
+- valid-convolution models (the original U-Net, 572x572 in -> 388x388 out): a model
+  with an integer attribute ``valid_margin`` (pixels lost on each side, 92 for the
+  original U-Net) and a method ``forward_valid(x)`` is run through ``forward_valid``; an
+  input tile of size ``tile`` yields an output of size ``tile - 2 * valid_margin`` that
+  is placed at the tile's centre, and the image is mirror-padded by the margin (the
+  overlap-tile strategy of the U-Net paper). ``tile`` is always the model's input size.
+  Every output pixel then sees real or mirrored context, never zero padding; with
+  max-pooling, a pixel's value still depends on the tile's offset modulo the network's
+  total stride (16 for the U-Net), so the result equals one whole-image pass only when
+  window steps and the snapped last window are multiples of it (e.g. a 100-pixel image,
+  tile 220 -> 36 outputs, step 32); otherwise overlapping tiles average the phases.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pixelwise.models.layers import resize_to
+
+BLEND_MODES = ("gaussian", "constant")
+PAD_MODES = ("reflect", "constant")
+
+
+# ---------------------------------------------------------------------------------------
+# Tiling plan: window positions, padding, importance map (shared by every entry point)
+# ---------------------------------------------------------------------------------------
+
+
+def window_starts(size: int, window: int, step: int) -> list[int]:
+    """Start offsets of windows of length ``window`` that cover ``[0, size)``, ``size >= window``.
+
+    Starts advance by ``step``; the last window is snapped to end exactly at ``size``.
+    Example: ``window_starts(10, 4, 3) == [0, 3, 6]``, ``window_starts(11, 4, 3) == [0, 3, 6, 7]``.
+    """
+    return [*range(0, size - window, step), size - window]
+
+
+def importance_map(
+    height: int,
+    width: int,
+    blend: str = "gaussian",
+    sigma_scale: float = 0.125,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Per-pixel blending weight (height, width) of one output tile, float64.
+
+    ``"constant"``: all ones. ``"gaussian"``: separable Gaussian centred on the tile,
+    sigma = ``sigma_scale`` * side (at least 1e-3), peak 1, clamped to >= 1e-3 so that every
+    pixel keeps a non-zero weight.
+    """
+    if blend == "constant":
+        return torch.ones(height, width, dtype=torch.float64, device=device)
+    axes = []
+    for n in (height, width):
+        sigma = max(sigma_scale * n, 1e-3)
+        x = torch.arange(n, dtype=torch.float64, device=device) - (n - 1) / 2
+        axes.append(torch.exp(-(x**2) / (2 * sigma**2)))
+    return (axes[0][:, None] * axes[1][None, :]).clamp_(min=1e-3)
+
+
+def _source_index(
+    start: int, length: int, size: int, pad: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Image indices for padded coordinates ``start .. start + length - 1`` (may be < 0 or >= size).
+
+    ``"reflect"`` mirrors without repeating the edge (numpy's ``reflect``, repeated for
+    pads larger than the image; a size-1 axis is replicated). ``"constant"`` returns
+    clamped indices and a mask of the positions inside the image (outside ones read 0).
+    """
+    idx = torch.arange(start, start + length, device=device)
+    if pad == "constant":
+        inside = (idx >= 0) & (idx < size)
+        return idx.clamp(0, size - 1), inside
+    if size == 1:
+        return torch.zeros_like(idx), None
+    period = 2 * (size - 1)
+    idx = idx.remainder(period)
+    return torch.where(idx >= size, period - idx, idx), None
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """Tiling of one image axis: sizes in output ("core") coordinates."""
+
+    size: int  # image side
+    out: int  # model output tile side = tile - 2 * margin
+    margin: int
+    step: int
+    lead: int  # padding before the image so the core (>= out) is covered by output tiles
+    core: int  # padded side in output coordinates: max(size, out)
+
+    @classmethod
+    def plan(cls, size: int, tile: int, margin: int, overlap: float) -> _Axis:
+        out = tile - 2 * margin
+        core = max(size, out)
+        return cls(size, out, margin, max(1, int(out * (1 - overlap))), (core - size) // 2, core)
+
+    def starts(self) -> list[int]:
+        return window_starts(self.core, self.out, self.step)
+
+    def source(
+        self, core_start: int, length: int, pad: str, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image indices of the input pixels for core positions ``core_start - margin ..``."""
+        return _source_index(core_start - self.margin - self.lead, length, self.size, pad, device)
+
+
+class _StripAccumulator:
+    """Blending buffer for one horizontal strip of output rows: probs (N, K, rows, width) and weight (rows, width).
+
+    It holds ``rows = out_h`` core rows starting at ``top``; finished rows are popped from
+    the top and the buffer slides down, so its size never depends on the image height.
+    """
+
+    def __init__(self, n: int, k: int, weight: torch.Tensor, width: int) -> None:
+        rows = weight.shape[0]
+        self.tile_weight = weight
+        self.probs = weight.new_zeros(n, k, rows, width)
+        self.weight = weight.new_zeros(rows, width)
+        self.top = 0
+
+    def add_window(self, top: int, left: int) -> None:
+        """Count the window at core (top, left) once in the weight sum (shared by the N images)."""
+        h, w = self.tile_weight.shape
+        self.weight[top - self.top : top - self.top + h, left : left + w] += self.tile_weight
+
+    def add(self, probs: torch.Tensor, n: int, top: int, left: int) -> None:
+        """Add one output tile's probabilities (K, h, w) of image ``n`` at core (top, left), weighted."""
+        h, w = self.tile_weight.shape
+        self.probs[n, :, top - self.top : top - self.top + h, left : left + w] += probs * self.tile_weight
+
+    def pop(self, rows: int) -> torch.Tensor:
+        """Return the blended top ``rows`` rows (N, K, rows, width) and slide the buffer down by ``rows``."""
+        done = self.probs[:, :, :rows] / self.weight[:rows]
+        keep = self.probs.shape[2] - rows
+        self.probs[:, :, :keep] = self.probs[:, :, rows:].clone()
+        self.probs[:, :, keep:] = 0
+        self.weight[:keep] = self.weight[rows:].clone()
+        self.weight[keep:] = 0
+        self.top += rows
+        return done
+
+
+def _validated_tile(tile: int | Sequence[int], margin: int) -> tuple[int, int]:
+    if isinstance(tile, int) and not isinstance(tile, bool):
+        pair = (tile, tile)
+    else:
+        pair = tuple(tile) if isinstance(tile, Sequence) else ()
+    if len(pair) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in pair):
+        raise ValueError(f"tile must be an int >= 1 or a pair (height, width) of them, got {tile!r}.")
+    if min(pair) <= 2 * margin:
+        raise ValueError(
+            f"tile {pair} must exceed 2 * valid_margin = {2 * margin} of this valid-convolution model "
+            f"(its output tile is tile - {2 * margin}); use e.g. tile={2 * margin + 388} "
+            "(572 for the original U-Net)."
+        )
+    return pair
+
+
+def _valid_margin(model: Callable[[torch.Tensor], torch.Tensor]) -> int | None:
+    """``model.valid_margin`` when the model follows the valid-convolution protocol, else None."""
+    margin = getattr(model, "valid_margin", None)
+    if isinstance(margin, int) and not isinstance(margin, bool) and callable(getattr(model, "forward_valid", None)):
+        if margin < 0:
+            raise ValueError(f"model.valid_margin must be >= 0, got {margin}.")
+        return margin
+    return None
+
+
+def _check_options(overlap: float, batch: int, blend: str, pad: str, sigma_scale: float) -> None:
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}; e.g. 0.25 for a quarter-tile overlap.")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1 (tiles per model call), got {batch!r}.")
+    if blend not in BLEND_MODES:
+        raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend!r}.")
+    if pad not in PAD_MODES:
+        raise ValueError(f"pad must be one of {PAD_MODES}, got {pad!r}.")
+    if not sigma_scale > 0:
+        raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}.")
+
+
+def _checked(logits: object, inputs: torch.Tensor, size: tuple[int, int], who: str) -> torch.Tensor:
+    """Return ``logits`` if it is a (B, K, *size) tensor for a (B, C, h, w) input batch, else raise."""
+    expected = (inputs.shape[0], *size)
+    if isinstance(logits, torch.Tensor) and logits.ndim == 4 and (logits.shape[0], *logits.shape[-2:]) == expected:
+        return logits
+    got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    raise ValueError(
+        f"{who} returned {got} for inputs {tuple(inputs.shape)}; "
+        f"expected ({inputs.shape[0]}, K, {size[0]}, {size[1]}). "
+        "Same-size models must return logits of the input size; valid-convolution models need "
+        "valid_margin = pixels lost per side and a tile size they accept."
+    )
+
+
+def _probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over channels, or sigmoid for a single channel."""
+    return logits.sigmoid() if logits.shape[1] == 1 else logits.softmax(1)
+
+
+def _finished_strips(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    tile: int | Sequence[int],
+    overlap: float,
+    batch: int,
+    blend: str,
+    pad: str,
+    sigma_scale: float,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Run the model tile by tile over (N, C, H, W) and yield ``(row, probs (N, K, rows, W))`` top to bottom.
+
+    The one implementation of tiling and blending. One strip of windows (same top row) is
+    run at a time; rows no later window touches are divided by their accumulated weight,
+    cropped to the image and yielded, so only an ``out_h``-row buffer is ever held.
+    """
+    _check_options(overlap, batch, blend, pad, sigma_scale)
+    if image.ndim != 4 or not image.is_floating_point():
+        raise ValueError(f"image must be a float tensor (N, C, H, W), got {tuple(image.shape)} {image.dtype}.")
+    margin = _valid_margin(model)
+    tile_h, tile_w = _validated_tile(tile, margin or 0)
+    run, run_name = (model.forward_valid, "forward_valid") if margin is not None else (model, "the model")
+    n_img, _, height, width = image.shape
+    ay = _Axis.plan(height, tile_h, margin or 0, overlap)
+    ax = _Axis.plan(width, tile_w, margin or 0, overlap)
+    weight = importance_map(ay.out, ax.out, blend, sigma_scale, image.device)
+    cols, col_inside = ax.source(0, ax.core + 2 * ax.margin, pad, image.device)
+    xs = ax.starts()
+    ys = ay.starts()
+    acc: _StripAccumulator | None = None
+    for r, y in enumerate(ys):
+        rows, row_inside = ay.source(y, tile_h, pad, image.device)
+        strip = image[:, :, rows][..., cols]
+        if row_inside is not None:
+            strip = strip * (row_inside[:, None] & col_inside[None, :])
+        jobs = [(n, x) for n in range(n_img) for x in xs]
+        for b in range(0, len(jobs), batch):
+            chunk = jobs[b : b + batch]
+            tiles = torch.stack([strip[n, :, :, x : x + tile_w] for n, x in chunk])
+            with torch.inference_mode():
+                logits = run(tiles)
+            probs = _probabilities(_checked(logits, tiles, (ay.out, ax.out), run_name))
+            if acc is None:
+                dtype = torch.promote_types(probs.dtype, torch.float32)
+                acc = _StripAccumulator(n_img, probs.shape[1], weight.to(dtype), ax.core)
+            for (n, x), p in zip(chunk, probs.to(acc.probs)):
+                acc.add(p, n, y, x)
+        for x in xs:
+            acc.add_window(y, x)
+        done_until = ys[r + 1] if r + 1 < len(ys) else ay.core
+        top = acc.top
+        blended = acc.pop(done_until - top)
+        first, last = max(top, ay.lead), min(done_until, ay.lead + height)
+        if first < last:
+            yield first - ay.lead, blended[:, :, first - top : last - top, ax.lead : ax.lead + width]
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sliding_window(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    tile: int | Sequence[int] = (512, 512),
+    overlap: float = 0.25,
+    batch: int = 4,
+    blend: str = "gaussian",
+    pad: str = "reflect",
+    sigma_scale: float = 0.125,
+) -> torch.Tensor:
+    """Probabilities (N, K, H, W) of a model run tile by tile over images of any size.
+
+    Windows advance by ``max(1, int(out * (1 - overlap)))`` where ``out`` is the model's
+    output tile (``tile``, or ``tile - 2 * valid_margin``); the last one is snapped to the
+    border. An image smaller than the output tile is padded symmetrically up to it, and a
+    valid-convolution model's input is further padded by its margin. Overlapping tile
+    probabilities are averaged with the importance map's weights.
+
+    Args:
+        model: callable (B, C, h, w) -> (B, K, h, w) logits, or a valid-convolution model
+            (see the module docstring). Put it in eval mode first.
+        image: (N, C, H, W) float tensor on the model's device.
+        tile: model input tile, int or (height, width). Default (512, 512).
+        overlap: fraction of the output tile shared by neighbouring windows, in [0, 1).
+            Default 0.25.
+        batch: tiles per model call. Default 4.
+        blend: ``"gaussian"`` (default) weights tile centres more than their borders;
+            ``"constant"`` averages overlapping tiles equally.
+        pad: ``"reflect"`` (default) mirrors the border (the U-Net overlap-tile strategy);
+            ``"constant"`` pads with zeros.
+        sigma_scale: Gaussian sigma as a fraction of the output tile side. Default 0.125.
+
+    Returns:
+        Probabilities (N, K, H, W): softmax over K, or sigmoid when K == 1.
+
+    Example:
+        >>> probs = sliding_window(model.eval(), image, tile=512, overlap=0.5)
+    """
+    out: torch.Tensor | None = None
+    for row, probs in _finished_strips(model, image, tile, overlap, batch, blend, pad, sigma_scale):
+        if out is None:
+            out = probs.new_empty(image.shape[0], probs.shape[1], *image.shape[-2:])
+        out[:, :, row : row + probs.shape[2]] = probs
+    return out
+
+
+@torch.no_grad()
+def sliding_window_labels(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    tile: int | Sequence[int] = (512, 512),
+    overlap: float = 0.25,
+    batch: int = 4,
+    blend: str = "gaussian",
+    pad: str = "reflect",
+    sigma_scale: float = 0.125,
+) -> torch.Tensor:
+    """Label map (H, W) of one image (C, H, W) in bounded memory.
+
+    Same tiling and blending as :func:`sliding_window` (one implementation); rows are
+    argmaxed as soon as no later window touches them, so besides the input and the labels
+    only a K x out_h x W probability strip, a C x tile_h x W input strip and one batch of
+    tiles are held: peak memory O((K + C) * tile_h * W), not O(K * H * W).
+    Labels are uint8 for K <= 256, int16 for K <= 32768, else int64; for a single-channel
+    (sigmoid) model they are ``probability > 0.5`` as 0/1.
+    Arguments as in :func:`sliding_window`.
+    """
+    if image.ndim != 3:
+        raise ValueError(f"image must be one image (C, H, W), got shape {tuple(image.shape)}; use image[i].")
+    labels: torch.Tensor | None = None
+    for row, probs in _finished_strips(model, image[None], tile, overlap, batch, blend, pad, sigma_scale):
+        k = probs.shape[1]
+        if labels is None:
+            dtype = torch.uint8 if k <= 256 else torch.int16 if k <= 32768 else torch.int64
+            labels = torch.empty(image.shape[-2:], dtype=dtype, device=probs.device)
+        strip = probs[0, 0] > 0.5 if k == 1 else probs[0].argmax(0)
+        labels[row : row + probs.shape[2]] = strip.to(labels.dtype)
+    return labels
+
+
+@torch.no_grad()
+def predict_tta(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    tile: int | Sequence[int] | None = None,
+    **sliding_kwargs: float | int | str,
+) -> torch.Tensor:
+    """Test-time augmentation: probabilities (N, K, H, W) averaged over scales and flips.
+
+    For each scale the image is resized (bilinear) to ``round(H * s), round(W * s)``, run
+    through the model (whole image when ``tile`` is None, else :func:`sliding_window`),
+    and the probabilities are resized back to (H, W). With ``flip`` the horizontally
+    flipped image is run too and its probabilities flipped back. The result is the mean
+    of all ``len(scales) * (1 + flip)`` probability maps. ``predict_tta(model, image)``
+    is plain whole-image prediction.
+
+    Args:
+        model: as in :func:`sliding_window` (eval mode, on the image's device).
+        image: (N, C, H, W) float tensor.
+        scales: positive resize factors. Default (1.0,).
+        flip: also average over the horizontal flip. Default False.
+        tile: sliding-window tile; None runs the whole (resized) image through one
+            ``model(x)`` call (the model's own forward, which must accept any size).
+        **sliding_kwargs: ``overlap``, ``batch``, ``blend``, ``pad``, ``sigma_scale`` of
+            :func:`sliding_window`; only with ``tile``.
+    """
+    scales = tuple(scales)
+    if not scales or not all(
+        isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in scales
+    ):
+        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}.")
+    if tile is None and sliding_kwargs:
+        raise ValueError(f"{sorted(sliding_kwargs)} only apply to sliding-window prediction; pass tile=... too.")
+    if image.ndim != 4:
+        raise ValueError(f"image must be (N, C, H, W), got shape {tuple(image.shape)}.")
+    size = tuple(image.shape[-2:])
+    total: torch.Tensor | None = None
+    for scale in scales:
+        scaled = resize_to(image, (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))))
+        for flipped in (False, True) if flip else (False,):
+            x = scaled.flip(-1) if flipped else scaled
+            probs = _whole_image(model, x) if tile is None else sliding_window(model, x, tile, **sliding_kwargs)
+            probs = resize_to(probs.flip(-1) if flipped else probs, size)
+            total = probs if total is None else total + probs
+    return total / (len(scales) * (2 if flip else 1))
+
+
+def predict(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    *,
+    tile: int | Sequence[int] | None = None,
+    overlap: float = 0.25,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    batch: int = 4,
+) -> torch.Tensor:
+    """Probabilities (N, K, H, W) of (N, C, H, W) images: whole image, or tiles when ``tile`` is set, with optional TTA.
+
+    The one-call entry point: :func:`predict_tta` with :func:`sliding_window`'s defaults
+    (Gaussian blending, mirror padding); ``overlap`` and ``batch`` apply only with ``tile``.
+    Put the model in eval mode first.
+
+    Example:
+        >>> labels = predict(model.eval(), image, tile=512, flip=True).argmax(1)
+    """
+    if tile is None:
+        return predict_tta(model, image, scales=scales, flip=flip)
+    return predict_tta(model, image, scales=scales, flip=flip, tile=tile, overlap=overlap, batch=batch)
+
+
+@torch.no_grad()
+def _whole_image(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+    """Probabilities of one ``model(image)`` call (its own forward: any size, valid models included)."""
+    with torch.inference_mode():
+        logits = model(image)
+    return _probabilities(_checked(logits, image, tuple(image.shape[-2:]), "the model"))

@@ -1,0 +1,413 @@
+"""One training loop: SGD/AdamW, poly LR, bf16 autocast, gradient accumulation, DDP, resume.
+
+Example:
+    >>> from pixelwise.training import TrainConfig, train
+    >>> result = train(TrainConfig(data="camvid:../shared/data/camvid", model="segnet_basic", epochs=1))
+
+A run folder holds ``checkpoint.safetensors`` (everything needed to resume, written
+atomically at the end of every epoch), ``model_best`` / ``model_last`` (weights +
+JSON, for ``eval`` / ``predict``), ``history.json`` and the report written by the CLI.
+Under ``torchrun`` the loop runs distributed (gloo on CPU, nccl on GPU); only rank 0
+writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pixelwise.data import open_dataset, train_transform, eval_transform
+from pixelwise.evaluation import evaluate
+from pixelwise.io import atomic_write, atomic_write_text
+from pixelwise.losses import build_loss, class_pixel_counts, enet_weights, median_frequency_weights, unet_weight_map
+from pixelwise.metrics import label_boundaries
+from pixelwise.models import create_model, save_model
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; a YAML file holds the same keys (see ``configs/``).
+
+    ``data`` is a dataset spec for :func:`pixelwise.data.open_dataset` (``camvid:PATH``,
+    ``isbi2012:PATH``, ``voc:PATH``, ``cityscapes:PATH`` or a folder). ``task="edges"``
+    trains an edge detector (HED) on the class boundaries of the label maps.
+    """
+
+    data: str
+    out: str = "runs/train"
+    model: str = "unet"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    task: str = "semantic"
+    train_split: str = "train"
+    val_split: str = "val"
+    epochs: int = 10
+    max_minutes: float | None = None
+    batch_size: int = 8
+    accumulate: int = 1
+    crop_size: list[int] | None = None
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    hflip: bool = True
+    color_jitter: float = 0.2
+    elastic: bool = False
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    loss: str = "ce"
+    class_weights: str | list[float] | None = None
+    unet_weight_map: bool = False
+    bf16: bool = False
+    workers: int = 0
+    seed: int = 0
+    val_every: int = 1
+    threads: int | None = None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config and apply ``key=value`` overrides (``model_args.backbone=resnet50``).
+
+    Values are parsed as YAML (``epochs=3`` is an int, ``crop_size=[256,256]`` a list).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist; pass a YAML file like configs/camvid.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value, e.g. epochs=5")
+        target = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = yaml.safe_load(value)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    if "data" not in raw:
+        raise ValueError("the config needs a 'data' key (e.g. data=camvid:../shared/data/camvid or a folder path)")
+    return TrainConfig(**raw)
+
+
+# ---------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+def _init_distributed() -> tuple[int, int, torch.device, bool]:
+    """Join the process group when launched by torchrun.
+
+    Returns (rank, world_size, device, joined): ``joined`` when this call created the group.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    joined = world > 1 and not dist.is_initialized()
+    if joined:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device, joined
+
+
+class _TrainView(nn.Module):
+    """Wraps a model so that ``forward`` returns the dict of main + aux logits (for DDP)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if hasattr(self.model, "forward_with_aux"):
+            return self.model.forward_with_aux(x)
+        return {"out": self.model(x)}
+
+
+class _Targets(Dataset):
+    """Adds the per-sample training target extras: U-Net weight maps or edge maps."""
+
+    def __init__(self, dataset: Dataset, task: str, weight_map: bool, ignore_index: int) -> None:
+        self.dataset, self.task, self.weight_map, self.ignore_index = dataset, task, weight_map, ignore_index
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image, mask = self.dataset[i]
+        if self.task == "edges":
+            edges = label_boundaries(mask, self.ignore_index).long()
+            edges[mask == self.ignore_index] = self.ignore_index
+            mask = edges
+        if self.weight_map:
+            binary = (mask == 1).numpy()
+            weights = torch.from_numpy(unet_weight_map(binary))
+        else:
+            weights = torch.ones(mask.shape)
+        return image, mask, weights
+
+
+def _seed_everything(seed: int, dataset: Dataset) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    transform = getattr(dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: one safetensors file with model and optimiser tensors + JSON metadata
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for name, value in state.items():
+            if value is not None:
+                tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    meta = {**meta, "param_groups": opt["param_groups"]}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"pixelwise": json.dumps(meta)}))
+
+
+def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["pixelwise"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    return meta
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _class_weights(cfg: TrainConfig, dataset: Any, num_classes: int) -> torch.Tensor | None:
+    if cfg.class_weights is None:
+        return None
+    if isinstance(cfg.class_weights, list):
+        if len(cfg.class_weights) != num_classes:
+            raise ValueError(f"class_weights has {len(cfg.class_weights)} values; the data set has {num_classes} classes")
+        return torch.tensor(cfg.class_weights, dtype=torch.float32)
+    if cfg.class_weights not in ("median_frequency", "enet"):
+        raise ValueError(f"class_weights={cfg.class_weights!r}: use 'median_frequency', 'enet' or a list of numbers")
+    masks = (dataset.read_mask_ids(mask_path) for _, mask_path in dataset.files)
+    counts, present = class_pixel_counts(masks, num_classes, dataset.ignore_index)
+    if cfg.class_weights == "enet":
+        return enet_weights(counts)
+    return median_frequency_weights(counts, present)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data``; returns ``{"history", "best", "run_dir", "rank", ...}``.
+
+    With ``resume=True`` training continues from ``cfg.out/checkpoint.safetensors``
+    exactly where the last finished epoch left it (weights, optimiser state, LR step; the
+    data order and augmentation are seeded per epoch, so the run matches an unbroken one).
+    """
+    if cfg.task not in ("semantic", "edges"):
+        raise ValueError(f"task={cfg.task!r}: use 'semantic' or 'edges'")
+    if cfg.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer={cfg.optimizer!r}: use 'sgd' or 'adamw'")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.accumulate < 1:
+        raise ValueError("epochs, batch_size and accumulate must be at least 1")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, device, joined = _init_distributed()
+    run_dir = Path(cfg.out)
+    ckpt_path = run_dir / "checkpoint.safetensors"
+    if resume and not ckpt_path.is_file():
+        raise ValueError(f"cannot resume: {str(ckpt_path)!r} does not exist; train without --resume first")
+
+    crop = tuple(cfg.crop_size) if cfg.crop_size else None
+    train_set = open_dataset(
+        cfg.data,
+        cfg.train_split,
+        transform=train_transform(
+            crop_size=crop,
+            scale_range=tuple(cfg.scale_range),
+            hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter,
+            elastic=cfg.elastic,
+            mean=cfg.mean,
+            std=cfg.std,
+        ),
+    )
+    val_set = open_dataset(cfg.data, cfg.val_split, transform=eval_transform(mean=cfg.mean, std=cfg.std))
+    ignore = train_set.ignore_index
+    edges = cfg.task == "edges"
+    num_classes = 1 if edges else train_set.num_classes
+    in_channels = train_set[0][0].shape[0]
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=num_classes, in_channels=in_channels, **cfg.model_args).to(device)
+    weights = _class_weights(cfg, train_set, num_classes) if not edges else None
+    loss_name = "hed_bce" if edges and cfg.loss == "ce" else cfg.loss
+    criterion = build_loss(loss_name, ignore_index=ignore, class_weights=weights).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    targets = _Targets(train_set, cfg.task, cfg.unet_weight_map, ignore)
+    per_rank = len(targets) // world  # equal on every rank, so DDP ranks step together
+    if per_rank < 1:
+        raise ValueError(f"the training split of {cfg.data!r} has {len(targets)} samples, fewer than {world} processes")
+    drop_last = per_rank >= cfg.batch_size
+    batches = per_rank // cfg.batch_size if drop_last else 1
+    steps_per_epoch = math.ceil(batches / cfg.accumulate)
+    schedule = {"total_steps": cfg.epochs * steps_per_epoch}
+
+    def poly(step: int) -> float:
+        return max(0.0, 1 - step / schedule["total_steps"]) ** cfg.poly_power
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+    start_epoch, history, best = 1, [], None
+    if resume:
+        meta = _load_checkpoint(ckpt_path, model, optimizer)
+        scheduler.load_state_dict(meta["scheduler"])
+        schedule["total_steps"] = meta["total_steps"]
+        start_epoch, history, best = meta["epoch"] + 1, meta["history"], meta["best"]
+
+    view: nn.Module = _TrainView(model)
+    if world > 1:
+        view = nn.parallel.DistributedDataParallel(view, device_ids=[device.index] if device.type == "cuda" else None)
+    extra = {
+        "class_names": train_set.class_names if not edges else ["edge"],
+        "palette": train_set.palette if not edges else [(255, 255, 255)],
+        "ignore_index": ignore,
+        "mean": cfg.mean,
+        "std": cfg.std,
+        "task": cfg.task,
+    }
+    started = time.monotonic()
+    total_epochs = math.ceil(schedule["total_steps"] / steps_per_epoch)
+    for epoch in range(start_epoch, total_epochs + 1):
+        epoch_start = time.monotonic()
+        _seed_everything(cfg.seed * 1000 + epoch * 10 + rank, train_set)
+        order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        mine = order[rank::world][:per_rank].tolist()
+        loader = DataLoader(
+            torch.utils.data.Subset(targets, mine),
+            batch_size=cfg.batch_size,
+            num_workers=cfg.workers,
+            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + rank),
+            drop_last=drop_last,
+        )
+        train_loss = _train_one_epoch(view, model, loader, criterion, optimizer, scheduler, cfg, device, rank, progress, epoch, total_epochs)
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
+        if epoch % cfg.val_every == 0 or epoch == total_epochs:
+            metrics = evaluate(
+                model, val_set, task=cfg.task, device=device, rank=rank, world_size=world, progress=progress and rank == 0
+            ).metrics
+            score = metrics["ods_f"] if edges else metrics["mean_iou"]
+            record.update({"val_score": score, **{f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)}})
+            if rank == 0 and (best is None or score > best["score"]):
+                best = {"epoch": epoch, "score": score}
+                save_model(model, run_dir / "model_best", extra)
+        record["seconds"] = time.monotonic() - epoch_start
+        history.append(record)
+        if cfg.max_minutes is not None and epoch == start_epoch:
+            _fit_time_budget(schedule, cfg, steps_per_epoch, epoch, record["seconds"], time.monotonic() - started)
+            total_epochs = math.ceil(schedule["total_steps"] / steps_per_epoch)
+        if rank == 0:
+            save_model(model, run_dir / "model_last", extra)
+            meta = {"epoch": epoch, "history": history, "best": best, "scheduler": scheduler.state_dict(),
+                    "total_steps": schedule["total_steps"], "config": dataclasses.asdict(cfg), "world_size": world}
+            _save_checkpoint(ckpt_path, model, optimizer, meta)
+            atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2))
+    if world > 1:
+        dist.barrier()
+    if joined:
+        dist.destroy_process_group()
+    return {"history": history, "best": best, "run_dir": run_dir, "rank": rank, "world_size": world, "steps_per_epoch": steps_per_epoch}
+
+
+def _fit_time_budget(schedule: dict[str, int], cfg: TrainConfig, steps_per_epoch: int, epoch: int, epoch_seconds: float, elapsed: float) -> None:
+    """Shrink the poly schedule so that the run ends within ``cfg.max_minutes``."""
+    remaining = max(0.0, cfg.max_minutes * 60 - elapsed)
+    fit = epoch + int(remaining // max(epoch_seconds, 1e-6))
+    schedule["total_steps"] = min(schedule["total_steps"], max(epoch, fit) * steps_per_epoch)
+
+
+def _train_one_epoch(
+    view: nn.Module,
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    device: torch.device,
+    rank: int,
+    progress: bool,
+    epoch: int,
+    total_epochs: int,
+) -> float:
+    from rich.progress import Progress
+
+    view.train()
+    aux_weights = getattr(model, "aux_weights", {})
+    total, count = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    with Progress(transient=True, disable=not progress or rank != 0) as bar:
+        task = bar.add_task(f"epoch {epoch}/{total_epochs}", total=len(loader))
+        for i, (image, mask, weights) in enumerate(loader, 1):
+            image, mask, weights = image.to(device), mask.to(device), weights.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                outputs = view(image)
+            loss = sum(
+                (1.0 if key == "out" else aux_weights[key]) * _loss(criterion, logits.float(), mask, weights, cfg.unet_weight_map)
+                for key, logits in outputs.items()
+            )
+            (loss / cfg.accumulate).backward()
+            if i % cfg.accumulate == 0 or i == len(loader):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            total += loss.item() * image.shape[0]
+            count += image.shape[0]
+            bar.update(task, advance=1, description=f"epoch {epoch}/{total_epochs} loss {total / count:.4f}")
+    return total / max(count, 1)
+
+
+def _loss(criterion: nn.Module, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, pixel_weights: bool) -> torch.Tensor:
+    if pixel_weights:
+        return criterion(logits, target, pixel_weights=weights)
+    return criterion(logits, target)

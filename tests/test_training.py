@@ -1,0 +1,125 @@
+"""The training loop: exact resume after a kill, config parsing, edges task, DDP with gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import pixelwise.training as training
+from pixelwise.data import write_synthetic_dataset
+from pixelwise.training import TrainConfig, load_config, train
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "shapes", n_train=8, n_val=4, size=(32, 48))
+
+
+def _config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), model="unet", model_args={"base_channels": 4, "depth": 2},
+                epochs=3, batch_size=4, lr=0.05, threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_resume_after_a_kill_matches_an_unbroken_run(tiny_data, tmp_path, monkeypatch) -> None:
+    unbroken = train(_config(tiny_data, tmp_path / "a"), progress=False)
+
+    real_epoch = training._train_one_epoch
+
+    def killed_in_epoch_3(*args, **kwargs):
+        if args[-2] == 3:  # epoch argument
+            raise KeyboardInterrupt("simulated kill")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_train_one_epoch", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_data, tmp_path / "b"), progress=False)
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(training, "_train_one_epoch", real_epoch)
+    resumed = train(_config(tiny_data, tmp_path / "b"), resume=True, progress=False)
+
+    a = load_file(tmp_path / "a" / "model_last.safetensors")
+    b = load_file(tmp_path / "b" / "model_last.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in unbroken["history"]]
+    assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in unbroken["history"]]
+
+
+def test_poly_schedule_counts_accumulated_steps(tiny_data, tmp_path) -> None:
+    result = train(_config(tiny_data, tmp_path, epochs=2, batch_size=2, accumulate=2, bf16=True, lr=0.01), progress=False)
+    # 8 samples / batch 2 = 4 batches -> 2 optimiser steps per epoch; poly(0.9) after 2 of 4 steps.
+    assert result["steps_per_epoch"] == 2
+    assert result["history"][0]["lr"] == pytest.approx(0.01 * (1 - 2 / 4) ** 0.9)
+    assert result["history"][1]["lr"] == 0.0
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["pixelwise"])
+        assert any(k.startswith("optim.") for k in f.keys())  # SGD momentum buffers
+    assert meta["scheduler"]["last_epoch"] == 4 and meta["epoch"] == 2
+
+
+def test_edges_task_trains_hed_on_class_boundaries(tiny_data, tmp_path) -> None:
+    result = train(_config(tiny_data, tmp_path, model="hed", model_args={}, task="edges", epochs=1, lr=1e-3,
+                           optimizer="adamw"), progress=False)
+    record = result["history"][0]
+    assert 0.0 <= record["val_ods_f"] <= 1.0 and "val_mean_iou" not in record
+    meta = json.loads((tmp_path / "model_best.json").read_text())
+    assert meta["model"]["num_classes"] == 1 and meta["extra"]["task"] == "edges"
+
+
+def test_median_frequency_weights_reach_the_loss(tiny_data, tmp_path, monkeypatch) -> None:
+    seen = {}
+    real = training.build_loss
+
+    def spy(name, **kw):
+        seen.update(kw)
+        return real(name, **kw)
+
+    monkeypatch.setattr(training, "build_loss", spy)
+    train(_config(tiny_data, tmp_path, epochs=1, class_weights="median_frequency"), progress=False)
+    weights = seen["class_weights"]
+    assert weights.shape == (4,) and torch.isfinite(weights).all()
+    assert weights[0] == weights.min()  # background is the most frequent class
+
+
+def test_load_config_applies_typed_overrides(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data: somewhere\nmodel: unet\nmodel_args: {base_channels: 8}\n")
+    cfg = load_config(path, ["epochs=3", "crop_size=[64,64]", "model_args.depth=3", "bf16=true"])
+    assert (cfg.epochs, cfg.crop_size, cfg.model_args, cfg.bf16) == (3, [64, 64], {"base_channels": 8, "depth": 3}, True)
+    with pytest.raises(ValueError, match="unknown config key.*epoch\\b"):
+        load_config(path, ["epoch=3"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(path, ["epochs"])
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_data, tmp_path) -> None:
+    with pytest.raises(ValueError, match="cannot resume.*checkpoint.safetensors"):
+        train(_config(tiny_data, tmp_path / "fresh"), resume=True, progress=False)
+
+
+def test_ddp_with_two_gloo_processes(tiny_data, tmp_path) -> None:
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pixelwise.cli",
+           "train", f"data={tiny_data}", f"out={out}", "model=unet", "model_args={base_channels: 4, depth: 2}",
+           "epochs=2", "batch_size=2", "threads=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["pixelwise"])
+    # 8 samples over 2 ranks of batch 2 -> 2 steps per epoch (4 on one process).
+    assert meta["world_size"] == 2
+    assert meta["scheduler"]["last_epoch"] == 4
+    assert (out / "metrics.json").is_file()
