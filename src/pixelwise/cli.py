@@ -91,7 +91,7 @@ def predict(
     runtime: Annotated[str, typer.Option(help="torch, compile (torch.compile) or onnx (ONNX Runtime; needs --tile).")] = "torch",
 ) -> None:
     """Segment images of any size; writes NAME_labels.png, NAME_colour.png and NAME_overlay.png."""
-    from pixelwise.predict import predict_files
+    from pixelwise.inference import predict_files
 
     written = predict_files(
         images, model, out, tile=tile, overlap=overlap, scales=_scales(scales), flip=flip, crf=crf, runtime=runtime,
@@ -164,7 +164,7 @@ def demo(
     from pixelwise.training import TrainConfig, train as run_training
 
     if data is None:
-        data = str(write_synthetic_dataset(out / "data"))
+        data = str(write_synthetic_dataset(out / "data", n_train=120, n_val=30))
         console.print(f"synthetic data set written to {data}")
     cfg = TrainConfig(
         data=data, out=str(out), model="unet", model_args={"base_channels": 16}, epochs=40, max_minutes=minutes,

@@ -29,7 +29,9 @@ import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from pixelwise.models.layers import resize_to
@@ -438,3 +440,74 @@ def _whole_image(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Ten
     with torch.inference_mode():
         logits = model(image)
     return _probabilities(_checked(logits, image, tuple(image.shape[-2:]), "the model"))
+
+
+# ---------------------------------------------------------------------------------------
+# Files in, files out (the CLI's `predict`)
+# ---------------------------------------------------------------------------------------
+
+
+def predict_files(
+    images: Sequence[str | Path],
+    model_path: str | Path,
+    out: str | Path,
+    *,
+    tile: int | None = None,
+    overlap: float = 0.25,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    crf: str | None = None,
+    runtime: str = "torch",
+    progress: bool = False,
+) -> list[Path]:
+    """Segment image files with a saved model; returns the label PNGs written.
+
+    For each ``NAME.ext`` writes into ``out``: ``NAME_labels.png`` (class ids, palette
+    attached), ``NAME_colour.png`` (class colours) and ``NAME_overlay.png`` (colours
+    over the image). ``runtime`` is ``"torch"``, ``"compile"`` or ``"onnx"``
+    (see :func:`pixelwise.export.prepare_for_cpu`; ONNX needs ``tile``, the exported size).
+    """
+    from PIL import Image
+    from rich.progress import track
+
+    from pixelwise.data.transforms import ToTensor, to_float
+    from pixelwise.export import prepare_for_cpu
+    from pixelwise.io import atomic_write, read_image, write_mask
+    from pixelwise.models import load_model
+    from pixelwise.report import colorize, overlay
+
+    paths = [Path(p) for p in images]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"image file(s) not found: {', '.join(missing[:5])}; check the paths")
+    if runtime == "onnx" and tile is None:
+        raise ValueError("--runtime onnx needs --tile: the ONNX graph is exported for one fixed tile size")
+    model, extra = load_model(model_path)
+    model.eval()
+    in_channels = model.config["in_channels"]
+    predictor = prepare_for_cpu(model, runtime, tile=tile)
+    normalise = ToTensor(extra.get("mean"), extra.get("std"))
+    palette = extra.get("palette") or [(0, 0, 0), (255, 255, 255)]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in track(paths, description="predicting", transient=True, disable=not progress):
+        raw = read_image(path)
+        if raw.shape[-1] != in_channels:
+            raise ValueError(f"image {path} has {raw.shape[-1]} channel(s) but the model takes {in_channels}")
+        x = torch.from_numpy(normalise.normalise(to_float(raw)).transpose(2, 0, 1).copy())[None]
+        probs = predict(predictor, x, tile=tile, overlap=overlap, scales=scales, flip=flip)[0]
+        if crf is not None:
+            from pixelwise.crf import dense_crf
+            from pixelwise.report import _as_rgb_uint8
+
+            probs = torch.from_numpy(dense_crf(_as_rgb_uint8(raw), probs.numpy(), preset=crf))
+        labels = (probs[0] > 0.5).long() if probs.shape[0] == 1 else probs.argmax(0)
+        labels = labels.numpy().astype(np.uint8 if len(palette) <= 256 else np.int64)
+        label_path = out / f"{path.stem}_labels.png"
+        write_mask(label_path, labels, palette)
+        for suffix, rgb in (("colour", colorize(labels, palette)), ("overlay", overlay(raw, labels, palette))):
+            picture = Image.fromarray(rgb)
+            atomic_write(out / f"{path.stem}_{suffix}.png", lambda tmp, p=picture: p.save(tmp, format="PNG"))
+        written.append(label_path)
+    return written

@@ -36,6 +36,7 @@ from pixelwise.io import atomic_write, atomic_write_text
 from pixelwise.losses import build_loss, class_pixel_counts, enet_weights, median_frequency_weights, unet_weight_map
 from pixelwise.metrics import label_boundaries
 from pixelwise.models import create_model, save_model
+from pixelwise.models.registry import get_builder
 
 
 @dataclass
@@ -78,6 +79,16 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 1
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        get_builder(self.model)
+        if self.task not in ("semantic", "edges"):
+            raise ValueError(f"task={self.task!r}: use 'semantic' or 'edges'")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer={self.optimizer!r}: use 'sgd' or 'adamw'")
+        for name in ("epochs", "batch_size", "accumulate", "val_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number >= 1")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -240,12 +251,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     exactly where the last finished epoch left it (weights, optimiser state, LR step; the
     data order and augmentation are seeded per epoch, so the run matches an unbroken one).
     """
-    if cfg.task not in ("semantic", "edges"):
-        raise ValueError(f"task={cfg.task!r}: use 'semantic' or 'edges'")
-    if cfg.optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"optimizer={cfg.optimizer!r}: use 'sgd' or 'adamw'")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.accumulate < 1:
-        raise ValueError("epochs, batch_size and accumulate must be at least 1")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, device, joined = _init_distributed()
@@ -318,7 +323,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     }
     started = time.monotonic()
     total_epochs = math.ceil(schedule["total_steps"] / steps_per_epoch)
-    for epoch in range(start_epoch, total_epochs + 1):
+    epoch = start_epoch
+    while epoch <= total_epochs:
         epoch_start = time.monotonic()
         _seed_everything(cfg.seed * 1000 + epoch * 10 + rank, train_set)
         order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
@@ -345,6 +351,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         history.append(record)
         if cfg.max_minutes is not None and epoch == start_epoch:
             _fit_time_budget(schedule, cfg, steps_per_epoch, epoch, record["seconds"], time.monotonic() - started)
+            if world > 1:  # every rank must run the same number of epochs: rank 0 decides
+                total = torch.tensor([schedule["total_steps"]], device=device)
+                dist.broadcast(total, 0)
+                schedule["total_steps"] = int(total.item())
             total_epochs = math.ceil(schedule["total_steps"] / steps_per_epoch)
         if rank == 0:
             save_model(model, run_dir / "model_last", extra)
@@ -352,6 +362,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                     "total_steps": schedule["total_steps"], "config": dataclasses.asdict(cfg), "world_size": world}
             _save_checkpoint(ckpt_path, model, optimizer, meta)
             atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2))
+        epoch += 1
     if world > 1:
         dist.barrier()
     if joined:

@@ -25,6 +25,15 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
+def get_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder registered as ``name``; an unknown name raises a ValueError listing valid ones."""
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, MODELS, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Valid names: {', '.join(list_models())}")
+    return MODELS[name]
+
+
 def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
     """Build a model by name.
 
@@ -35,13 +44,9 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
     Example:
         >>> model = create_model("unet", num_classes=3, base_channels=8)
     """
-    if name not in MODELS:
-        close = difflib.get_close_matches(name, MODELS, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Valid names: {', '.join(list_models())}")
+    builder = get_builder(name)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    builder = MODELS[name]
     accepted = inspect.signature(builder).parameters
     unknown = [k for k in kwargs if k not in accepted]
     if unknown:
