@@ -150,7 +150,20 @@ class SharedBN(nn.Module):
         return self.bn(self.a(x)) * self.bn(self.b(x))
 
 
-@pytest.mark.parametrize("module", [PreActivation, SideOutput, SharedBN])
+class ReturnsConvOutput(nn.Module):
+    """The conv's output is returned beside the BN's: no function uses it, yet it escapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        return self.bn(y), y
+
+
+@pytest.mark.parametrize("module", [PreActivation, SideOutput, SharedBN, ReturnsConvOutput])
 def test_fold_keeps_bn_where_conv_output_is_not_its_only_input(module: type[nn.Module]) -> None:
     torch.manual_seed(0)
     model = realistic(module())
@@ -297,6 +310,17 @@ def test_torch_runtime_matches_eval_and_leaves_model_alone() -> None:
     with torch.no_grad():
         want = model.eval()(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_runtime_keeps_the_valid_convolution_protocol() -> None:
+    torch.manual_seed(0)
+    model = create_model("unet_original", num_classes=2, base_channels=4).eval()
+    predictor = prepare_for_cpu(model, "torch")
+    assert predictor.valid_margin == model.valid_margin
+    image = torch.randn(3, 120, 130)  # 2 x 2 windows of 300 px in, 116 px out
+    want = sliding_window_labels(model, image, tile=300, batch=4)
+    got = sliding_window_labels(predictor, image, tile=300, batch=4)
+    assert (got == want).float().mean().item() > 0.999
 
 
 def test_onnx_runtime_keeps_file_only_when_asked(tmp_path: Path) -> None:

@@ -123,3 +123,13 @@ def test_ddp_with_two_gloo_processes(tiny_data, tmp_path) -> None:
     assert meta["world_size"] == 2
     assert meta["scheduler"]["last_epoch"] == 4
     assert (out / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_are_valid(path: Path) -> None:
+    from pixelwise.models import create_model
+
+    cfg = load_config(path)
+    with torch.device("meta"):
+        create_model(cfg.model, num_classes=11, **cfg.model_args)
+    assert cfg.data.split(":")[0] in ("camvid", "isbi2012")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import tempfile
@@ -60,7 +61,6 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
         type(conv) is nn.Conv2d
         and type(bn) is nn.BatchNorm2d
         and bn.track_running_stats
-        and bn.running_mean is not None
         and bn.num_features == conv.out_channels
         and not torch.nn.utils.parametrize.is_parametrized(conv)
     )
@@ -130,6 +130,12 @@ class _DataflowProbe(TorchFunctionMode):
                 self.consumers[self.produced_by[id(leaf)]].add(user)
         return func(*args, **kwargs)
 
+    def returned(self, output: Any) -> None:
+        """Mark conv outputs that the model returns as used outside any BN."""
+        for leaf in tree_leaves(output):
+            if isinstance(leaf, torch.Tensor) and id(leaf) in self.produced_by:
+                self.consumers[self.produced_by[id(leaf)]].add(None)
+
     def safe_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
         """(conv, bn) where every output of the conv went only to the bn, and the bn only got those."""
         pairs = []
@@ -176,7 +182,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor | None = None) -> nn.
     probe = _DataflowProbe(folded)
     try:
         with torch.no_grad(), probe:
-            folded(example)
+            probe.returned(folded(example))
     except Exception as err:
         raise ValueError(
             f"fold_batchnorm runs the model once to see which convs feed which BNs, and the forward failed "
@@ -347,9 +353,14 @@ class OnnxPredictor:
         if threads is not None:
             options.intra_op_num_threads = _positive_int("threads", threads)
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        (graph_input,) = self.session.get_inputs()
-        self._input_name = graph_input.name
-        self._output_name = self.session.get_outputs()[0].name
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ValueError(
+                f"{str(self.path)!r} has {len(inputs)} inputs and {len(outputs)} outputs; OnnxPredictor runs "
+                "image -> logits graphs with one of each, as export_onnx writes"
+            )
+        graph_input = inputs[0]
+        self._input_name, self._output_name = graph_input.name, outputs[0].name
         dims = [d if isinstance(d, int) else None for d in graph_input.shape]
         self.batch, self.in_channels, self.height, self.width = dims
         meta = {
@@ -385,6 +396,10 @@ class OnnxPredictor:
 class TorchPredictor:
     """A BN-folded, channels-last, eval-mode model run under ``torch.inference_mode``.
 
+    A valid-convolution model (the original U-Net: an int ``valid_margin`` and a
+    ``forward_valid`` method) keeps both on the predictor, so ``sliding_window`` still
+    runs it with the overlap-tile strategy.
+
     Args:
         model: maps (N, C, H, W) to (N, K, H, W) logits; it is copied, not changed.
         compile: wrap the copy in ``torch.compile`` (the first call of each new input
@@ -393,13 +408,22 @@ class TorchPredictor:
 
     def __init__(self, model: nn.Module, compile: bool = False) -> None:
         self.model = fold_batchnorm(model).to(memory_format=torch.channels_last)
-        self._forward = torch.compile(self.model) if compile else self.model
         self.compiled = compile
+        self._forward = torch.compile(self.model) if compile else self.model
+        margin = getattr(model, "valid_margin", None)
+        if isinstance(margin, int) and not isinstance(margin, bool) and callable(getattr(model, "forward_valid", None)):
+            self.valid_margin = margin
+            valid = torch.compile(self.model.forward_valid) if compile else self.model.forward_valid
+            self.forward_valid = functools.partial(self._run, valid)
+
+    @staticmethod
+    def _run(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return forward(x.contiguous(memory_format=torch.channels_last))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, K, H, W) logits, without autograd."""
-        with torch.inference_mode():
-            return self._forward(x.contiguous(memory_format=torch.channels_last))
+        return self._run(self._forward, x)
 
     def __repr__(self) -> str:
         return f"TorchPredictor({type(self.model).__name__}, compile={self.compiled})"

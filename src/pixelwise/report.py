@@ -439,6 +439,7 @@ def write_run_report(run_dir: str | Path, cfg: Any, history: Sequence[Mapping[st
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dataset = open_dataset(cfg.data, cfg.val_split, transform=eval_transform(mean=cfg.mean, std=cfg.std))
     result = evaluate(
-        model.to(device), dataset, task=cfg.task, device=device, mean=cfg.mean, std=cfg.std, keep_samples=4
+        model.to(device), dataset, task=cfg.task, device=device, scales=tuple(cfg.val_scales), mean=cfg.mean, std=cfg.std,
+        keep_samples=4,
     )
     return write_eval_report(run_dir, result, dataset.class_names, dataset.palette)

@@ -46,6 +46,9 @@ class TrainConfig:
     ``data`` is a dataset spec for :func:`pixelwise.data.open_dataset` (``camvid:PATH``,
     ``isbi2012:PATH``, ``voc:PATH``, ``cityscapes:PATH`` or a folder). ``task="edges"``
     trains an edge detector (HED) on the class boundaries of the label maps.
+    ``val_scales`` are the test-time scales of validation (e.g. ``[0.5]`` for a model
+    trained on half-size crops); ``max_minutes`` shrinks the poly schedule after the first
+    epoch so that training ends within the budget.
     """
 
     data: str
@@ -78,6 +81,7 @@ class TrainConfig:
     workers: int = 0
     seed: int = 0
     val_every: int = 1
+    val_scales: list[float] = field(default_factory=lambda: [1.0])
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -340,7 +344,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
         if epoch % cfg.val_every == 0 or epoch == total_epochs:
             metrics = evaluate(
-                model, val_set, task=cfg.task, device=device, rank=rank, world_size=world, progress=progress and rank == 0
+                model, val_set, task=cfg.task, device=device, scales=tuple(cfg.val_scales), rank=rank, world_size=world,
+                progress=progress and rank == 0,
             ).metrics
             score = metrics["ods_f"] if edges else metrics["mean_iou"]
             record.update({"val_score": score, **{f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)}})
