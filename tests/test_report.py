@@ -89,8 +89,8 @@ def test_save_overlay_grid_layout(tmp_path):
 def test_plot_history_tolerates_missing_keys(tmp_path):
     history = [
         {"epoch": 1, "train_loss": 1.0},
-        {"epoch": 2, "train_loss": 0.5, "val_miou": 0.3, "val_loss": float("nan")},
-        {"train_loss": 0.25, "val_miou": 0.6},
+        {"epoch": 2, "train_loss": 0.5, "val_mean_iou": 0.3, "val_loss": float("nan")},
+        {"train_loss": 0.25, "val_mean_iou": 0.6},
     ]
     path = plot_history(tmp_path / "curves.png", history, dpi=50)
     image = Image.open(path)
@@ -171,7 +171,7 @@ def test_write_run_report_evaluates_best_model(tmp_path):
     torch.manual_seed(0)
     save_model(create_model("unet", num_classes=4, base_channels=4), tmp_path / "run" / "model_best")
     cfg = SimpleNamespace(data=str(data), val_split="val", task="semantic", mean=None, std=None, val_scales=[1.0])
-    metrics = write_run_report(tmp_path / "run", cfg, [{"epoch": 1, "train_loss": 1.0, "val_miou": 0.1}])
+    metrics = write_run_report(tmp_path / "run", cfg, [{"epoch": 1, "train_loss": 1.0, "val_mean_iou": 0.1}])
     written = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"history.png", "metrics.json", "confusion.png", "overlays.png"} <= written
     per_class_pixels = [c["pixels"] for c in metrics["per_class"]]

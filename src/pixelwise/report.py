@@ -179,14 +179,17 @@ def _finite(value: Any) -> bool:
 
 
 def plot_history(path: str | Path, history: Sequence[Mapping[str, Any]], dpi: int = 100) -> Path:
-    """Write a PNG with training loss (and validation loss, if present) and validation mIoU per epoch.
+    """Write a PNG with training loss (and validation loss, if present) and the validation score per epoch.
+
+    The score is "val_mean_iou" (semantic task) or "val_ods_f" (edge task), as the trainer
+    records them.
 
     Entries missing a key (or holding NaN/None) are skipped; an entry without "epoch" uses
     its position (1-based). The figure is 10 x 4 inches at ``dpi``.
 
     Args:
         path: Output ``.png``.
-        history: One dict per epoch with keys like "epoch", "train_loss", "val_loss", "val_miou".
+        history: One dict per epoch with keys like "epoch", "train_loss", "val_loss", "val_mean_iou".
         dpi: Resolution.
 
     Returns:
@@ -204,13 +207,15 @@ def plot_history(path: str | Path, history: Sequence[Mapping[str, Any]], dpi: in
         x, y = series(key)
         if x:
             ax_loss.plot(x, y, marker="o", markersize=3, label=label)
-    x, y = series("val_miou")
+    score = "val_ods_f" if any(_finite(h.get("val_ods_f")) for h in history) else "val_mean_iou"
+    score_name = "ODS F" if score == "val_ods_f" else "mIoU"
+    x, y = series(score)
     if x:
-        ax_iou.plot(x, y, marker="o", markersize=3, color="tab:green", label="validation mIoU")
+        ax_iou.plot(x, y, marker="o", markersize=3, color="tab:green", label=f"validation {score_name}")
         best = int(np.argmax(y))
         ax_iou.annotate(f"best {y[best]:.3f}", (x[best], y[best]), textcoords="offset points", xytext=(0, 6),
                         ha="center")
-    for ax, title, ylabel in ((ax_loss, "Loss", "loss"), (ax_iou, "Validation mIoU", "mIoU")):
+    for ax, title, ylabel in ((ax_loss, "Loss", "loss"), (ax_iou, f"Validation {score_name}", score_name)):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
