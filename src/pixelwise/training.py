@@ -47,8 +47,8 @@ class TrainConfig:
     ``isbi2012:PATH``, ``voc:PATH``, ``cityscapes:PATH`` or a folder). ``task="edges"``
     trains an edge detector (HED) on the class boundaries of the label maps.
     ``val_scales`` are the test-time scales of validation (e.g. ``[0.5]`` for a model
-    trained on half-size crops); ``max_minutes`` shrinks the poly schedule after the first
-    epoch so that training ends within the budget.
+    trained on half-size crops); ``max_minutes`` fits the poly schedule after every epoch
+    so that training ends within the budget.
     """
 
     data: str
@@ -354,8 +354,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 save_model(model, run_dir / "model_best", extra)
         record["seconds"] = time.monotonic() - epoch_start
         history.append(record)
-        if cfg.max_minutes is not None and epoch == start_epoch:
-            _fit_time_budget(schedule, cfg, steps_per_epoch, epoch, record["seconds"], time.monotonic() - started)
+        if cfg.max_minutes is not None:
+            elapsed = time.monotonic() - started
+            mean_epoch = elapsed / (epoch - start_epoch + 1)
+            _fit_time_budget(schedule, cfg, steps_per_epoch, epoch, mean_epoch, elapsed)
             if world > 1:  # every rank must run the same number of epochs: rank 0 decides
                 total = torch.tensor([schedule["total_steps"]], device=device)
                 dist.broadcast(total, 0)
@@ -376,10 +378,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
 
 def _fit_time_budget(schedule: dict[str, int], cfg: TrainConfig, steps_per_epoch: int, epoch: int, epoch_seconds: float, elapsed: float) -> None:
-    """Shrink the poly schedule so that the run ends within ``cfg.max_minutes``."""
+    """Set the poly schedule's length so that the run ends within ``cfg.max_minutes``.
+
+    Called after every epoch with the mean epoch time so far; never beyond ``cfg.epochs``.
+    """
     remaining = max(0.0, cfg.max_minutes * 60 - elapsed)
     fit = epoch + int(remaining // max(epoch_seconds, 1e-6))
-    schedule["total_steps"] = min(schedule["total_steps"], max(epoch, fit) * steps_per_epoch)
+    schedule["total_steps"] = min(cfg.epochs, max(epoch, fit)) * steps_per_epoch
 
 
 def _train_one_epoch(
