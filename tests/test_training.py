@@ -133,3 +133,18 @@ def test_example_configs_are_valid(path: Path) -> None:
     with torch.device("meta"):
         create_model(cfg.model, num_classes=11, **cfg.model_args)
     assert cfg.data.split(":")[0] in ("camvid", "isbi2012")
+
+
+def test_unet_weight_map_reaches_the_loss(tiny_data, tmp_path, monkeypatch) -> None:
+    seen = []
+    real = training._loss
+
+    def spy(criterion, logits, target, weights, pixel_weights):
+        seen.append((pixel_weights, weights.clone()))
+        return real(criterion, logits, target, weights, pixel_weights)
+
+    monkeypatch.setattr(training, "_loss", spy)
+    train(_config(tiny_data, tmp_path, epochs=1, unet_weight_map=True), progress=False)
+    assert seen and all(flag for flag, _ in seen)
+    weights = torch.cat([w.flatten() for _, w in seen])
+    assert weights.min() > 0 and weights.max() > 1.5  # not all ones: class balance and border terms
