@@ -64,6 +64,8 @@ def evaluate(
 
     if task not in ("semantic", "edges"):
         raise ValueError(f"task={task!r}: use 'semantic' or 'edges'")
+    if crf is not None and task == "edges":
+        raise ValueError("crf refines class probabilities; it does not apply to edge maps (task='edges')")
     was_training = model.training
     model.eval()
     ignore = dataset.ignore_index
