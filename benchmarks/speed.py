@@ -219,8 +219,9 @@ def main() -> None:
     parser.add_argument("--tiled-size", type=int, default=4096, help="side of the square image for the tiled workload")
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=float, default=0.25)
-    parser.add_argument("--batch", type=int, default=4, help="tiles per model call in the tiled workload")
+    parser.add_argument("--batch", type=int, default=1, help="tiles per model call in the tiled workload")
     parser.add_argument("--tiled-runs", type=int, default=1)
+    parser.add_argument("--skip-image", action="store_true")
     parser.add_argument("--skip-tiled", action="store_true")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--skip-onnx", action="store_true")
@@ -236,10 +237,14 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown models {unknown}; choose from {', '.join(list_models())}")
     runtimes = [r for r in RUNTIMES if not (r == "compile" and args.skip_compile) and not (r == "onnx" and args.skip_onnx)]
-    workloads = {"image": (args.height, args.width)}
+    workloads = {}
+    if not args.skip_image:
+        workloads["image"] = (args.height, args.width)
     if not args.skip_tiled:
         workloads["tiled"] = (args.tiled_size, args.tiled_size)
-    onnx_size = {"image": (args.height, args.width), "tiled": (args.tile, args.tile)}
+    if not workloads:
+        raise SystemExit("--skip-image and --skip-tiled leave nothing to measure")
+    call_size = {"image": (args.height, args.width), "tiled": (args.tile, args.tile)}  # input of one model call
     common = {"threads": args.threads}
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -265,19 +270,17 @@ def main() -> None:
     rows: list[list[str]] = []
     with tempfile.TemporaryDirectory(prefix="pixelwise-speed-") as tmp:
         for spec in specs:
-            sizes = {"image": (args.height, args.width), "tile": (args.tile, args.tile)}
-            if args.skip_tiled:
-                del sizes["tile"]
+            sizes = {workload: call_size[workload] for workload in workloads}
             counted = spawn({"kind": "flops", "model": spec, "sizes": sizes, **common})
             flops = counted.get("flops", {})
             for workload, (h, w) in workloads.items():
-                per_call = flops.get("image" if workload == "image" else "tile")
+                per_call = flops.get(workload)
                 export_s = 0.0
                 onnx_path = str(Path(tmp) / f"{len(rows)}.onnx")
                 for runtime in runtimes:
                     print(f"[{time.perf_counter() - started:7.0f}s] {spec['label']} {workload} {runtime}", file=sys.stderr, flush=True)
                     if runtime == "onnx":
-                        eh, ew = onnx_size[workload]
+                        eh, ew = call_size[workload]
                         exported = spawn({"kind": "export", "model": spec, "onnx_path": onnx_path, "height": eh, "width": ew, **common})
                         if "error" in exported:
                             rows.append([spec["label"], workload, runtime, "export failed: " + exported["error"], *[""] * 5])

@@ -78,6 +78,10 @@ def test_load_torchvision_style_checkpoint_from_local_file(tmp_path) -> None:
     grey = ResNet(18, in_channels=1)
     load_backbone_weights(grey, path)
     torch.testing.assert_close(grey.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+    # A state dict already in memory loads the same way.
+    again = create_backbone("resnet18")
+    assert load_backbone_weights(again, state) == skipped
+    assert torch.equal(again.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
 
 
 def test_loading_errors_name_the_file(tmp_path) -> None:

@@ -262,6 +262,9 @@ def test_onnx_predictor_in_sliding_window_matches_eager(tiny_onnx: tuple[nn.Modu
     got = sliding_window_labels(OnnxPredictor(path, threads=1), image, **kwargs)
     assert got.shape == (100, 130)
     assert (got == want).float().mean().item() > 0.999
+    no_arena = OnnxPredictor(path, threads=1, memory_arena=False)
+    assert not no_arena.session.get_session_options().enable_cpu_mem_arena
+    assert torch.equal(sliding_window_labels(no_arena, image, **kwargs), got)
 
 
 def test_fixed_batch_export_rejects_other_batches(tmp_path: Path) -> None:

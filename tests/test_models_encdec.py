@@ -230,6 +230,9 @@ def test_fcn_loads_torchvision_vgg16_and_convolutionalizes_the_classifier(tmp_pa
     torch.save({k: v for k, v in state.items() if k.startswith("features.")}, features_only)
     with pytest.raises(ValueError, match="classifier.0"):
         load_vgg16_weights(model, features_only)
+    torch.save({k: v for k, v in state.items() if k.startswith("classifier.")}, tmp_path / "heads.pth")
+    with pytest.raises(ValueError, match="heads.pth.*lacks 26 keys"):
+        load_vgg16_weights(model, tmp_path / "heads.pth")
 
 
 def test_fcn8s_resnet50_starts_at_zero_and_fuses_strides_8_16_32() -> None:

@@ -279,6 +279,21 @@ def test_hed_side1_and_grouped_fuse_against_direct_computation() -> None:
     torch.testing.assert_close(outputs["out"][:, 0], sides0.mean(0))
 
 
+def test_hed_pads_images_under_16_px_and_crops_back() -> None:
+    torch.manual_seed(0)
+    model = create_model("hed", num_classes=1).eval()
+    f = model.backbone.features
+    x = torch.randn(1, 3, 9, 12)
+    with torch.no_grad():
+        outputs = model.forward_with_aux(x)
+        h = F.conv2d(F.conv2d(x, f[0].weight, f[0].bias, padding=1).relu(), f[2].weight, f[2].bias, padding=1).relu()
+        side1 = F.conv2d(h, model.sides[0].weight, model.sides[0].bias)
+    assert all(v.shape == (1, 1, 9, 12) for v in outputs.values())
+    assert all(torch.isfinite(v).all() for v in outputs.values())
+    # Two 3x3 convs see 2 px: away from the padded bottom/right border side1 is unchanged.
+    torch.testing.assert_close(outputs["side1"][..., :7, :10], side1[..., :7, :10], atol=1e-5, rtol=1e-5)
+
+
 def test_hed_trains_with_batch_2_and_every_output_reaches_the_backbone() -> None:
     torch.manual_seed(0)
     model = create_model("hed", num_classes=1)

@@ -139,8 +139,11 @@ def load_vgg16_weights(model: FCN, path: str | Path) -> list[str]:
     Returns:
         The checkpoint keys that were not used (the ImageNet classifier ``classifier.6.*``).
     """
-    unused = load_backbone_weights(model.backbone, path)
     state = read_state_dict(path)
+    try:
+        unused = load_backbone_weights(model.backbone, state)
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r}: {err}") from err
     with torch.no_grad():
         for conv, key in ((model.fc6, "classifier.0"), (model.fc7, "classifier.3")):
             weight, bias = state.get(f"{key}.weight"), state.get(f"{key}.bias")

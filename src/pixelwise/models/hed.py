@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from pixelwise.models.backbones import VGG16
-from pixelwise.models.layers import resize_to
+from pixelwise.models.layers import mirror_pad, resize_to
 
 NUM_SIDES = 5
+MIN_SIZE = 16  # conv5 sees H / 16: smaller images are mirror-padded to 16 px and cropped back
 
 
 class HED(nn.Module):
@@ -49,12 +50,18 @@ class HED(nn.Module):
         self.aux_weights: dict[str, float] = {f"side{i}": 1.0 for i in range(1, NUM_SIDES + 1)}
 
     def side_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(N, C, H, W) -> five side logits, each (N, K, H, W)."""
+        """(N, C, H, W) -> five side logits, each (N, K, H, W).
+
+        H or W under 16 px is mirror-padded at the bottom/right to 16 and the side maps
+        are cropped back, so conv5 never sees an empty map.
+        """
+        h, w = x.shape[-2:]
+        x = mirror_pad(x, 0, max(0, MIN_SIZE - h), 0, max(0, MIN_SIZE - w))
         size = x.shape[-2:]
         sides = []
         for i, ((convs, pool), side) in enumerate(zip(self.backbone.stages(), self.sides)):
             x = convs(x)
-            sides.append(resize_to(side(x), size))
+            sides.append(resize_to(side(x), size)[..., :h, :w])
             if i < NUM_SIDES - 1:  # pool5 is not used
                 x = pool(x)
         return sides

@@ -8,7 +8,7 @@ ever read from a local file (:func:`load_backbone_weights`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -76,19 +76,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_backbone_weights(module: nn.Module, path: str | Path) -> list[str]:
+def load_backbone_weights(module: nn.Module, weights: str | Path | Mapping[str, torch.Tensor]) -> list[str]:
     """Load a torchvision-style checkpoint into ``module``; returns the keys it skipped.
 
-    Keys the module lacks (e.g. torchvision's ``fc.*`` or ``classifier.*``) are skipped;
-    every key the module has must be present with the right shape, else ``ValueError``.
-    The input conv is adapted when ``in_channels`` differs from 3 (channel mean, repeated).
+    ``weights`` is a local ``.pth`` / ``.safetensors`` path or a state dict already read
+    with :func:`read_state_dict`. Keys the module lacks (e.g. torchvision's ``fc.*`` or
+    ``classifier.*``) are skipped; every key the module has must be present with the right
+    shape, else ``ValueError``. The input conv is adapted when ``in_channels`` differs from
+    3 (channel mean, repeated).
     """
-    state = read_state_dict(path)
+    if isinstance(weights, Mapping):
+        state, source = weights, "the state dict"
+    else:
+        state, source = read_state_dict(weights), repr(str(weights))
     own = module.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     if missing:
         raise ValueError(
-            f"{str(path)!r} lacks {len(missing)} keys the backbone needs, e.g. {missing[:3]}; "
+            f"{source} lacks {len(missing)} keys the backbone needs, e.g. {missing[:3]}; "
             "is it a checkpoint of the same architecture?"
         )
     loaded = {}
@@ -99,7 +104,7 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> list[str]:
         if src.ndim == 4 and value.ndim == 4 and src.shape[1] == 3 and value.shape[1] != 3 and src.shape[0] == value.shape[0]:
             src = src.mean(1, keepdim=True).repeat(1, value.shape[1], 1, 1) * (3 / value.shape[1])
         if src.shape != value.shape:
-            raise ValueError(f"{str(path)!r}: {key} has shape {tuple(src.shape)}, the backbone needs {tuple(value.shape)}")
+            raise ValueError(f"{source}: {key} has shape {tuple(src.shape)}, the backbone needs {tuple(value.shape)}")
         loaded[key] = src
     module.load_state_dict(loaded, strict=False)
     return sorted(k for k in state if k not in own)
