@@ -18,7 +18,7 @@ interpreter and the imported libraries (the "baseline" in the header), the weigh
 for ``compile`` the compilation itself; peaks do not accumulate across rows.
 
 Usage:
-    python benchmarks/speed.py --models unet segnet_basic deeplabv3plus:backbone=mobilenetv2 --skip-compile
+    python benchmarks/speed.py --models unet segnet_basic deeplabv3plus:backbone=mobilenetv2 --runtimes eager torch onnx
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 RUNTIMES = ("eager", "torch", "compile", "onnx")
+WORKLOADS = ("image", "tiled")
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,10 +222,8 @@ def main() -> None:
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=1, help="tiles per model call in the tiled workload")
     parser.add_argument("--tiled-runs", type=int, default=1)
-    parser.add_argument("--skip-image", action="store_true")
-    parser.add_argument("--skip-tiled", action="store_true")
-    parser.add_argument("--skip-compile", action="store_true")
-    parser.add_argument("--skip-onnx", action="store_true")
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
     parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads (default: theirs)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -236,14 +235,9 @@ def main() -> None:
     unknown = [s["name"] for s in specs if s["name"] not in list_models()]
     if unknown:
         raise SystemExit(f"unknown models {unknown}; choose from {', '.join(list_models())}")
-    runtimes = [r for r in RUNTIMES if not (r == "compile" and args.skip_compile) and not (r == "onnx" and args.skip_onnx)]
-    workloads = {}
-    if not args.skip_image:
-        workloads["image"] = (args.height, args.width)
-    if not args.skip_tiled:
-        workloads["tiled"] = (args.tiled_size, args.tiled_size)
-    if not workloads:
-        raise SystemExit("--skip-image and --skip-tiled leave nothing to measure")
+    runtimes = [r for r in RUNTIMES if r in args.runtimes]
+    sizes = {"image": (args.height, args.width), "tiled": (args.tiled_size, args.tiled_size)}
+    workloads = {w: sizes[w] for w in WORKLOADS if w in args.workloads}
     call_size = {"image": (args.height, args.width), "tiled": (args.tile, args.tile)}  # input of one model call
     common = {"threads": args.threads}
     if args.threads is not None:
