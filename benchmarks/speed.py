@@ -255,9 +255,12 @@ def main() -> None:
     print(f"# pixelwise speed: {cpu_name()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort_version}")
     print(f"# 2048x2048 fp32 matmul (best of 10): {peak:.1f} GFLOP/s; baseline RSS (python + torch + onnxruntime): {baseline:.0f} MB")
-    print(f"# image = 1x3x{args.height}x{args.width}, median of {args.runs}; "
-          f"tiled = 3x{args.tiled_size}x{args.tiled_size} in {args.tile}px tiles, overlap {args.overlap}, "
-          f"batch {args.batch}, median of {args.tiled_runs}; setup = build the predictor and run it once "
+    described = {
+        "image": f"image = 1x3x{args.height}x{args.width}, median of {args.runs}",
+        "tiled": f"tiled = 3x{args.tiled_size}x{args.tiled_size} in {args.tile}px tiles, overlap {args.overlap}, "
+        f"batch {args.batch}, median of {args.tiled_runs}",
+    }
+    print(f"# {'; '.join(described[w] for w in workloads)}; setup = build the predictor and run it once "
           "(compilation for compile; plus the export for onnx)\n")
 
     header = ["model", "workload", "runtime", "setup", "median", "GFLOP", "GFLOP/s", "% matmul", "peak RSS MB"]
