@@ -263,16 +263,21 @@ def test_hed_outputs_and_initial_fuse_is_mean_of_sides(num_classes: int) -> None
     torch.testing.assert_close(outputs["out"], sides.mean(0))
 
 
+def hed_side1_direct(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HED side 1 computed by hand: conv1_1, ReLU, conv1_2, ReLU, 1x1 side conv (zero padding)."""
+    f = model.backbone.features
+    h = F.conv2d(F.conv2d(x, f[0].weight, f[0].bias, padding=1).relu(), f[2].weight, f[2].bias, padding=1).relu()
+    return F.conv2d(h, model.sides[0].weight, model.sides[0].bias)
+
+
 def test_hed_side1_and_grouped_fuse_against_direct_computation() -> None:
     torch.manual_seed(0)
     model = create_model("hed", num_classes=2).eval()
-    f = model.backbone.features
     x = torch.randn(1, 3, 21, 19)
     with torch.no_grad():
         model.fuse.weight[1] = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0])[:, None, None]  # class 1 = its side4
         outputs = model.forward_with_aux(x)
-        h = F.conv2d(F.conv2d(x, f[0].weight, f[0].bias, padding=1).relu(), f[2].weight, f[2].bias, padding=1).relu()
-        side1 = F.conv2d(h, model.sides[0].weight, model.sides[0].bias)
+        side1 = hed_side1_direct(model, x)
     torch.testing.assert_close(outputs["side1"], side1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outputs["out"][:, 1], outputs["side4"][:, 1])
     sides0 = torch.stack([outputs[f"side{i}"][:, 0] for i in range(1, 6)])
@@ -282,12 +287,10 @@ def test_hed_side1_and_grouped_fuse_against_direct_computation() -> None:
 def test_hed_pads_images_under_16_px_and_crops_back() -> None:
     torch.manual_seed(0)
     model = create_model("hed", num_classes=1).eval()
-    f = model.backbone.features
     x = torch.randn(1, 3, 9, 12)
     with torch.no_grad():
         outputs = model.forward_with_aux(x)
-        h = F.conv2d(F.conv2d(x, f[0].weight, f[0].bias, padding=1).relu(), f[2].weight, f[2].bias, padding=1).relu()
-        side1 = F.conv2d(h, model.sides[0].weight, model.sides[0].bias)
+        side1 = hed_side1_direct(model, x)
     assert all(v.shape == (1, 1, 9, 12) for v in outputs.values())
     assert all(torch.isfinite(v).all() for v in outputs.values())
     # Two 3x3 convs see 2 px: away from the padded bottom/right border side1 is unchanged.
