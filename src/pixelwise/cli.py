@@ -8,12 +8,12 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Semantic segmentation: train, evaluate, predict, export.")
+app = typer.Typer(add_completion=False, help="Semantic segmentation: train, evaluate, predict, export.")
 console = Console()
 
 Tile = Annotated[Optional[int], typer.Option(help="Sliding-window tile size in px (overlap-tile with mirror padding); default: whole image.")]
@@ -186,22 +186,37 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
     console.print(f"report written to {run_dir}")
 
 
-def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+def _fail(message: str) -> NoReturn:
+    """Print ``error: message`` as one line on stderr and exit with code 2."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    sys.exit(2)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit code 2.
+
+    User errors are ValueErrors (bad data, config, files), typer's usage errors (missing or
+    unknown option or command, a value of the wrong type) and OSErrors (a path that cannot
+    be read or written); anything else is a bug and keeps its traceback.
+    """
+    import logging
+
+    logging.basicConfig(format="note: %(message)s", level=logging.INFO, stream=sys.stdout)
+    args = sys.argv[1:] if args is None else list(args)
     try:
-        code = app(standalone_mode=False)
+        code = app(args=args or ["--help"], prog_name="pixelwise", standalone_mode=False)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(err))
+    except typer.TyperException as err:  # usage errors (typer >= 0.29 vendors click's under this base)
+        ctx = getattr(err, "ctx", None)
+        hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+        _fail(err.format_message().rstrip(".") + hint)
+    except OSError as err:
+        _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
     except (typer.Exit, SystemExit) as err:
         sys.exit(getattr(err, "exit_code", getattr(err, "code", 0)))
-    except Exception as err:  # click's usage errors
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(2)
-        raise
+    except KeyboardInterrupt:
+        _fail("interrupted")
     sys.exit(code if isinstance(code, int) else 0)
 
 
