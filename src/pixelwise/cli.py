@@ -13,6 +13,8 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from rich.console import Console
 
+from pixelwise.io import check_output_folder
+
 app = typer.Typer(add_completion=False, help="Semantic segmentation: train, evaluate, predict, export.")
 console = Console()
 
@@ -44,6 +46,7 @@ def train(
     from pixelwise.training import load_config, train as run_training
 
     cfg = load_config(config, overrides or [])
+    check_output_folder(cfg.out, "out=")
     result = run_training(cfg, resume=resume)
     if result["rank"] == 0:
         metrics = write_run_report(result["run_dir"], cfg, result["history"])
@@ -68,10 +71,18 @@ def evaluate_cmd(
     from pixelwise.models import load_model
     from pixelwise.report import write_eval_report
 
+    check_output_folder(out)
+    scales_ = _scales(scales)
     net, extra = load_model(model)
     dataset = open_dataset(data, split, transform=eval_transform(mean=extra.get("mean"), std=extra.get("std")))
+    if extra.get("task", "semantic") == "semantic" and net.config["num_classes"] != dataset.num_classes:
+        raise ValueError(
+            f"model {model} predicts {net.config['num_classes']} classes ({', '.join(extra.get('class_names', []))}) "
+            f"but data set {data} ({split}) has {dataset.num_classes} ({', '.join(dataset.class_names)}); evaluate "
+            "on data labelled with the model's classes"
+        )
     result = evaluate(
-        net, dataset, task=extra.get("task", "semantic"), tile=tile, overlap=overlap, scales=_scales(scales), flip=flip,
+        net, dataset, task=extra.get("task", "semantic"), tile=tile, overlap=overlap, scales=scales_, flip=flip,
         crf=crf, mean=extra.get("mean"), std=extra.get("std"), keep_samples=4, progress=True,
     )
     metrics = write_eval_report(out, result, dataset.class_names, dataset.palette)
@@ -114,6 +125,9 @@ def export(
 
     if format != "onnx":
         raise ValueError(f"--format {format!r} is not supported; use onnx")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the .onnx file to write, e.g. {out / 'model.onnx'}")
+    check_output_folder(out.parent)
     net, _ = load_model(model)
     path = export_onnx(net, out, height=height, width=width)
     console.print(f"wrote {path}")
@@ -142,14 +156,17 @@ def models() -> None:
 @app.command("check-data")
 def check_data(
     data: Annotated[str, typer.Argument(help="Data set: camvid:PATH, isbi2012:PATH, voc:PATH, cityscapes:PATH or a folder.")],
-    split: Annotated[str, typer.Option(help="Split to check.")] = "train",
+    split: Annotated[Optional[str], typer.Option(help="Split to check (default: train and val).")] = None,
 ) -> None:
     """Report class histogram, image sizes and every bad image/mask pair; exit 2 if any is bad."""
     from pixelwise.data import check_dataset, open_dataset
 
-    report = check_dataset(open_dataset(data, split))
-    console.print(report.format(), markup=False)
-    if report.problems:
+    splits = [split] if split else ["train", "val"]
+    reports = [check_dataset(open_dataset(data, name)) for name in splits]
+    for name, report in zip(splits, reports):
+        console.print(f"\n[bold]split {name}[/bold]")
+        console.print(report.format(), markup=False)
+    if any(report.problems for report in reports):
         raise typer.Exit(2)
 
 
@@ -158,19 +175,23 @@ def demo(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
     data: Annotated[Optional[str], typer.Option(help="Use this data set (folder with images/ + masks/) instead of built-in synthetic data.")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs (12 take about a minute on 2 CPU cores).")] = 12,
+    images: Annotated[int, typer.Option(help="Synthetic training images (a quarter as many for validation).")] = 120,
 ) -> None:
     """Train a small U-Net on built-in synthetic shapes (about a minute), evaluate, write a report."""
     from pixelwise.data.synthetic import write_synthetic_dataset
     from pixelwise.report import write_run_report
     from pixelwise.training import TrainConfig, train as run_training
 
-    if data is None:
-        data = str(write_synthetic_dataset(out / "data", n_train=120, n_val=30))
-        console.print(f"synthetic data set written to {data}")
+    if images < 4:
+        raise ValueError(f"--images {images} must be at least 4 (a quarter of them, at least 1, validate)")
+    check_output_folder(out)
     cfg = TrainConfig(
-        data=data, out=str(out), model="unet", model_args={"base_channels": 16}, epochs=epochs, batch_size=8,
-        optimizer="adamw", lr=3e-3, weight_decay=1e-4, scale_range=[0.75, 1.25], color_jitter=0.1,
-    )
+        data=data or str(out / "data"), out=str(out), model="unet", model_args={"base_channels": 16}, epochs=epochs,
+        batch_size=8, optimizer="adamw", lr=3e-3, weight_decay=1e-4, scale_range=[0.75, 1.25], color_jitter=0.1,
+    )  # validates the options before anything is written
+    if data is None:
+        write_synthetic_dataset(cfg.data, n_train=images, n_val=images // 4)
+        console.print(f"synthetic data set written to {cfg.data}")
     started = time.monotonic()
     result = run_training(cfg)
     metrics = write_run_report(result["run_dir"], cfg, result["history"])

@@ -466,7 +466,8 @@ def predict_files(
 
     For each ``NAME.ext`` writes into ``out``: ``NAME_labels.png`` (class ids, palette
     attached), ``NAME_colour.png`` (class colours) and ``NAME_overlay.png`` (colours
-    over the image). ``runtime`` is ``"torch"``, ``"compile"`` or ``"onnx"``
+    over the image); repeated stems get distinct names (:func:`pixelwise.io.unique_stems`).
+    ``runtime`` is ``"torch"``, ``"compile"`` or ``"onnx"``
     (see :func:`pixelwise.export.prepare_for_cpu`; ONNX needs ``tile``, the exported size).
     """
     from PIL import Image
@@ -474,7 +475,7 @@ def predict_files(
 
     from pixelwise.data.transforms import ToTensor, to_float
     from pixelwise.export import prepare_for_cpu
-    from pixelwise.io import atomic_write, read_image, write_mask
+    from pixelwise.io import atomic_write, check_output_folder, read_image, unique_stems, write_mask
     from pixelwise.models import load_model
     from pixelwise.report import colorize, overlay
 
@@ -484,16 +485,15 @@ def predict_files(
         raise ValueError(f"image file(s) not found: {', '.join(missing[:5])}; check the paths")
     if runtime == "onnx" and tile is None:
         raise ValueError("--runtime onnx needs --tile: the ONNX graph is exported for one fixed tile size")
+    out, names = check_output_folder(out), unique_stems(paths)
     model, extra = load_model(model_path)
     model.eval()
     in_channels = model.config["in_channels"]
     predictor = prepare_for_cpu(model, runtime, tile=tile)
     normalise = ToTensor(extra.get("mean"), extra.get("std"))
     palette = extra.get("palette") or [(0, 0, 0), (255, 255, 255)]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in track(paths, description="predicting", transient=True, disable=not progress):
+    for path, name in track(list(zip(paths, names)), description="predicting", transient=True, disable=not progress):
         raw = read_image(path)
         if raw.shape[-1] != in_channels:
             raise ValueError(f"image {path} has {raw.shape[-1]} channel(s) but the model takes {in_channels}")
@@ -506,10 +506,10 @@ def predict_files(
             probs = torch.from_numpy(dense_crf(_as_rgb_uint8(raw), probs.numpy(), preset=crf))
         labels = (probs[0] > 0.5).long() if probs.shape[0] == 1 else probs.argmax(0)
         labels = labels.numpy().astype(np.uint8 if len(palette) <= 256 else np.int64)
-        label_path = out / f"{path.stem}_labels.png"
+        label_path = out / f"{name}_labels.png"
         write_mask(label_path, labels, palette)
         for suffix, rgb in (("colour", colorize(labels, palette)), ("overlay", overlay(raw, labels, palette))):
             picture = Image.fromarray(rgb)
-            atomic_write(out / f"{path.stem}_{suffix}.png", lambda tmp, p=picture: p.save(tmp, format="PNG"))
+            atomic_write(out / f"{name}_{suffix}.png", lambda tmp, p=picture: p.save(tmp, format="PNG"))
         written.append(label_path)
     return written

@@ -63,6 +63,38 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def unique_stems(paths: Sequence[str | Path]) -> list[str]:
+    """One distinct output name per input file: its stem, or where stems repeat (``a/x.png``,
+    ``b/x.png``) its path below the colliding files' common folder joined by ``_`` (``a_x``, ``b_x``).
+
+    Raises:
+        ValueError: A file is given twice, or no distinct names can be made.
+    """
+    resolved = [Path(p).resolve() for p in paths]
+    seen: dict[Path, str] = {}
+    for given, path in zip(paths, resolved):
+        if path in seen:
+            raise ValueError(f"image {given} is given twice (also as {seen[path]}); give each file once")
+        seen[path] = str(given)
+    groups: dict[str, list[Path]] = {}
+    for path in resolved:
+        groups.setdefault(path.stem, []).append(path)
+    names = []
+    for path in resolved:
+        group = groups[path.stem]
+        if len(group) == 1:
+            names.append(path.stem)
+            continue
+        relative = path.relative_to(os.path.commonpath(group))
+        with_suffix = sum(p.parent == path.parent for p in group) > 1  # x.png and x.tif side by side
+        parts = relative.parts if with_suffix else relative.with_suffix("").parts
+        names.append("_".join(parts).replace(".", "_") if with_suffix else "_".join(parts))
+    if len(set(names)) != len(names):
+        clash = sorted(n for n in set(names) if names.count(n) > 1)
+        raise ValueError(f"input images would share the output name(s) {', '.join(clash[:5])}; rename them")
+    return names
+
+
 # ---------------------------------------------------------------------------
 # Images and label maps
 # ---------------------------------------------------------------------------

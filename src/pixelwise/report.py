@@ -426,7 +426,7 @@ def write_run_report(run_dir: str | Path, cfg: Any, history: Sequence[Mapping[st
     Args:
         run_dir: The run folder written by :func:`pixelwise.training.train`.
         cfg: The run's :class:`pixelwise.training.TrainConfig` (``data``, ``val_split``,
-            ``task``, ``mean``, ``std`` are used).
+            ``val_fraction``, ``task``, ``mean``, ``std`` are used).
         history: Per-epoch records (see :func:`plot_history`).
 
     Returns:
@@ -442,7 +442,7 @@ def write_run_report(run_dir: str | Path, cfg: Any, history: Sequence[Mapping[st
     plot_history(run_dir / "history.png", history)
     model, _ = load_model(run_dir / "model_best.safetensors")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dataset = open_dataset(cfg.data, cfg.val_split, transform=eval_transform(mean=cfg.mean, std=cfg.std))
+    dataset = open_dataset(cfg.data, cfg.val_split, eval_transform(mean=cfg.mean, std=cfg.std), cfg.val_fraction)
     result = evaluate(
         model.to(device), dataset, task=cfg.task, device=device, scales=tuple(cfg.val_scales), mean=cfg.mean, std=cfg.std,
         keep_samples=4,

@@ -37,6 +37,7 @@ from pixelwise.losses import build_loss, class_pixel_counts, enet_weights, media
 from pixelwise.metrics import label_boundaries
 from pixelwise.models import create_model, save_model
 from pixelwise.models.registry import get_builder
+from pixelwise.typecheck import check_field_types
 
 
 @dataclass
@@ -48,7 +49,8 @@ class TrainConfig:
     trains an edge detector (HED) on the class boundaries of the label maps.
     ``val_scales`` are the test-time scales of validation (e.g. ``[0.5]`` for a model
     trained on half-size crops); ``max_minutes`` fits the poly schedule after every epoch
-    so that training ends within the budget.
+    so that training ends within the budget. ``val_fraction`` is the share of a plain
+    folder (images/ + masks/, no train/ and val/) held out for validation.
     """
 
     data: str
@@ -83,8 +85,13 @@ class TrainConfig:
     val_every: int = 1
     val_scales: list[float] = field(default_factory=lambda: [1.0])
     threads: int | None = None
+    val_fraction: float = 0.2
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        for name in ("crop_size", "scale_range"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != 2:
+                raise ValueError(f"{name}={getattr(self, name)!r} must hold two numbers, e.g. [256, 256]")
         get_builder(self.model)
         if self.task not in ("semantic", "edges"):
             raise ValueError(f"task={self.task!r}: use 'semantic' or 'edges'")
@@ -107,7 +114,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raise ValueError(f"config file {str(path)!r} does not exist; pass a YAML file like configs/camvid.yaml")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
         if not isinstance(raw, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
@@ -124,8 +131,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
-    if "data" not in raw:
-        raise ValueError("the config needs a 'data' key (e.g. data=camvid:../shared/data/camvid or a folder path)")
+    if raw.get("data") in (None, ""):
+        raise ValueError("the config needs a 'data' value (e.g. data=camvid:../shared/data/camvid or a folder path)")
     return TrainConfig(**raw)
 
 
@@ -276,8 +283,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             mean=cfg.mean,
             std=cfg.std,
         ),
+        val_fraction=cfg.val_fraction,
     )
-    val_set = open_dataset(cfg.data, cfg.val_split, transform=eval_transform(mean=cfg.mean, std=cfg.std))
+    val_set = open_dataset(cfg.data, cfg.val_split, eval_transform(mean=cfg.mean, std=cfg.std), cfg.val_fraction)
     ignore = train_set.ignore_index
     edges = cfg.task == "edges"
     num_classes = 1 if edges else train_set.num_classes
