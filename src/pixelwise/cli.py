@@ -35,6 +35,14 @@ def _scales(text: str) -> tuple[float, ...]:
     return values
 
 
+def _crf(name: str | None) -> str | None:
+    from pixelwise.crf import PRESETS
+
+    if name is not None and name not in PRESETS:
+        raise ValueError(f"--crf {name!r} is not a preset; use one of {', '.join(sorted(PRESETS))}")
+    return name
+
+
 @app.command()
 def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/).")] = None,
@@ -46,7 +54,7 @@ def train(
     from pixelwise.training import load_config, train as run_training
 
     cfg = load_config(config, overrides or [])
-    check_output_folder(cfg.out, "out=")
+    check_output_folder(cfg.out, "out")
     result = run_training(cfg, resume=resume)
     if result["rank"] == 0:
         metrics = write_run_report(result["run_dir"], cfg, result["history"])
@@ -72,7 +80,7 @@ def evaluate_cmd(
     from pixelwise.report import write_eval_report
 
     check_output_folder(out)
-    scales_ = _scales(scales)
+    scales_, crf = _scales(scales), _crf(crf)
     net, extra = load_model(model)
     dataset = open_dataset(data, split, transform=eval_transform(mean=extra.get("mean"), std=extra.get("std")))
     if extra.get("task", "semantic") == "semantic" and net.config["num_classes"] != dataset.num_classes:
@@ -105,7 +113,7 @@ def predict(
     from pixelwise.inference import predict_files
 
     written = predict_files(
-        images, model, out, tile=tile, overlap=overlap, scales=_scales(scales), flip=flip, crf=crf, runtime=runtime,
+        images, model, out, tile=tile, overlap=overlap, scales=_scales(scales), flip=flip, crf=_crf(crf), runtime=runtime,
         progress=True,
     )
     console.print(f"wrote {len(written)} predictions to {out}")
@@ -165,7 +173,7 @@ def check_data(
     reports = [check_dataset(open_dataset(data, name)) for name in splits]
     for name, report in zip(splits, reports):
         console.print(f"\n[bold]split {name}[/bold]")
-        console.print(report.format(), markup=False)
+        console.print(report.format(), markup=False, soft_wrap=True)
     if any(report.problems for report in reports):
         raise typer.Exit(2)
 

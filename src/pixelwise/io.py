@@ -50,11 +50,16 @@ def make_temp_dir(path: str | Path) -> Path:
 
 
 def check_output_folder(path: str | Path, option: str = "--out") -> Path:
-    """Refuse an output folder that exists as a file (call before writing anything)."""
+    """Refuse an output folder that exists as a file, or lies below one (call before writing anything).
+
+    ``option`` names the setting in the message: ``--out`` (a CLI option) or ``out`` (a config key).
+    """
     path = Path(path)
+    given = f"{option} {path}" if option.startswith("-") else f"{option}={path}"
     blocking = next((p for p in (path, *path.parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
-        raise ValueError(f"{option} {path}: {blocking} is an existing file, not a folder; pick another output folder")
+        where = "is an existing file" if blocking == path else f"lies below the file {blocking}"
+        raise ValueError(f"{given} {where}, not a folder; pick another output folder")
     return path
 
 
