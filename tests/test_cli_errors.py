@@ -66,6 +66,7 @@ CASES = [
     ("demo --images 2", ["demo", "--images", "2", "--out", "{out}"], "--images 2"),
     ("export --out is a folder", ["export", "--model", "{model}", "--out", "{root}"], "is a folder"),
     ("export --format", ["export", "--model", "{model}", "--out", "{out}", "--format", "tflite"], "--format 'tflite'"),
+    ("unwritable --out", ["export", "--model", "{model}", "--out", "/proc/model.onnx"], "/proc/model.onnx: cannot write"),
     ("check-data missing folder", ["check-data", "{root}/nowhere"], "nowhere"),
 ]
 

@@ -215,6 +215,18 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
     console.print(f"report written to {run_dir}")
 
 
+def _show_notes() -> None:
+    """Print the package's notes (how data were read, e.g. binary masks) as ``note: ...`` on stdout."""
+    import logging
+
+    log = logging.getLogger("pixelwise")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("note: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
 def _fail(message: str) -> NoReturn:
     """Print ``error: message`` as one line on stderr and exit with code 2."""
     print("error: " + " ".join(str(message).split()), file=sys.stderr)
@@ -228,9 +240,7 @@ def main(args: list[str] | None = None) -> None:
     unknown option or command, a value of the wrong type) and OSErrors (a path that cannot
     be read or written); anything else is a bug and keeps its traceback.
     """
-    import logging
-
-    logging.basicConfig(format="note: %(message)s", level=logging.INFO, stream=sys.stdout)
+    _show_notes()
     args = sys.argv[1:] if args is None else list(args)
     try:
         code = app(args=args or ["--help"], prog_name="pixelwise", standalone_mode=False)
@@ -241,11 +251,12 @@ def main(args: list[str] | None = None) -> None:
         hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
         _fail(err.format_message().rstrip(".") + hint)
     except OSError as err:
-        _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
+        _fail(f"{err.filename}: {err.strerror or err}" if err.filename else str(err))
     except (typer.Exit, SystemExit) as err:
         sys.exit(getattr(err, "exit_code", getattr(err, "code", 0)))
     except KeyboardInterrupt:
-        _fail("interrupted")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -31,8 +31,11 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     file gets the usual permissions (0666 minus the umask, e.g. 0644), unlike ``mkstemp``'s 0600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path, lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_path(path, lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write there ({e.strerror})", str(path)) from e
     try:
         write(str(tmp))
         os.replace(tmp, path)
