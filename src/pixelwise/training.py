@@ -37,7 +37,7 @@ from pixelwise.losses import build_loss, class_pixel_counts, enet_weights, media
 from pixelwise.metrics import label_boundaries
 from pixelwise.models import create_model, save_model
 from pixelwise.models.registry import get_builder
-from pixelwise.typecheck import check_field_types
+from pixelwise.config import check_field_types, load_yaml
 
 
 @dataclass
@@ -113,7 +113,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist; pass a YAML file like configs/camvid.yaml")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
         if not isinstance(raw, dict):
@@ -126,7 +126,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         *parents, leaf = key.split(".")
         for p in parents:
             target = target.setdefault(p, {})
-        target[leaf] = yaml.safe_load(value)
+        target[leaf] = load_yaml(value)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - names)
     if unknown:

@@ -1,15 +1,36 @@
-"""Check a dataclass's field values against its type hints (configs read from YAML or ``key=value``).
+"""Reading configs: YAML with YAML 1.2 numbers, and dataclass fields checked against their type hints.
 
 Example:
-    >>> check_field_types(cfg)   # in ``__post_init__``: lr="abc" -> ValueError "lr='abc' must be a number"
+    >>> load_yaml("lr: 1e-3")                # {'lr': 0.001}; PyYAML alone reads the string '1e-3'
+    >>> check_field_types(cfg)               # in ``__post_init__``: lr="abc" -> "lr='abc' must be a number"
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any
+
+import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` and ``1E5`` as floats (YAML 1.2; PyYAML follows 1.1)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely (no Python objects), with YAML 1.2 exponent floats."""
+    return yaml.load(text, Loader=_Loader)
+
 
 _WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", type(None): "null"}
 _PLURALS = {int: "whole numbers", float: "numbers", str: "texts"}
