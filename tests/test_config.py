@@ -47,7 +47,7 @@ def test_describe() -> None:
 # Every field of TrainConfig with one value of the wrong type and the words the error must hold.
 WRONG = {
     "data": (3, "data=3 must be text"),
-    "out": ("", "out is empty"),
+    "out": (None, "out is empty"),
     "model": (1, "model=1 must be text"),
     "model_args": (5, "model_args=5 must be a mapping"),
     "task": (None, "task is empty"),
