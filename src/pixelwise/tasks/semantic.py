@@ -13,6 +13,7 @@ from pixelwise.data import eval_transform, open_dataset, train_transform
 from pixelwise.evaluation import EvalResult, evaluate
 from pixelwise.losses import build_loss, class_pixel_counts, enet_weights, median_frequency_weights, unet_weight_map
 from pixelwise.metrics import BoundaryFScore, ConfusionMatrix, label_boundaries
+from pixelwise.report import write_eval_report
 from pixelwise.tasks.base import Task, register_task
 
 
@@ -168,8 +169,6 @@ class SemanticTask(Task):
         return evaluate(model, dataset, self.scorer(dataset), **options)
 
     def write_report(self, out: str | Path, result: EvalResult, dataset: Any) -> dict[str, Any]:
-        from pixelwise.report import write_eval_report
-
         return write_eval_report(out, result, dataset.class_names, dataset.palette)
 
 
