@@ -283,7 +283,8 @@ def per_class_table(metrics: Mapping[str, Any]) -> Table:
     """A rich table of per-class IoU / accuracy / Dice (percent) and pixels.
 
     A last "mean" row holds mean IoU, class accuracy (mean recall) and mean Dice; the caption
-    gives pixel accuracy and frequency-weighted IoU.
+    gives pixel accuracy and frequency-weighted IoU, and the segment measures of
+    :class:`pixelwise.metrics.SegmentScore` when present.
 
     Args:
         metrics: Dict from :func:`pixelwise.metrics.metrics_from_confusion`.
@@ -317,6 +318,11 @@ def per_class_table(metrics: Mapping[str, Any]) -> Table:
         f"pixel accuracy {_pct(metrics.get('pixel_accuracy'))}   "
         f"frequency-weighted IoU {_pct(metrics.get('fw_iou'))}"
     )
+    if "rand_error" in metrics:
+        table.caption += (
+            f"\nRand error {metrics['rand_error']:.4f}   VI {metrics['variation_of_information']:.4f}   "
+            f"pixel error {metrics['pixel_error']:.4f}"
+        )
     return table
 
 
