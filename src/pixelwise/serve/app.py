@@ -466,8 +466,8 @@ def create_app(models: Sequence[str | Path] | dict[str, ServedModel], limits: Se
         kind = _sniff(data, filename, image.content_type)
         height, width = _image_size(data, kind, filename)
         if height * width > limits.max_pixels:
-            raise HTTPException(413, f"image {filename!r} is {width} x {height} = {height * width / 1e6:.1f} MP; "
-                                     f"this server takes at most {limits.max_pixels / 1e6:g} MP (--max-pixels)")
+            raise HTTPException(413, f"image {filename!r} is {width} x {height} = {height * width:,} pixels; "
+                                     f"this server takes at most {limits.max_pixels:,} (--max-pixels)")
         future = queue.submit(
             lambda: _respond(model, _predict(model, data, kind, filename, options), as_json, include_png, filename)
         )
