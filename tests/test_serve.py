@@ -297,3 +297,21 @@ def test_model_names_and_limits_are_validated(model_path) -> None:
         load_models(["runs/none/model_best.safetensors"])
     with pytest.raises(ValueError, match="max_jobs must be an int >= 1, got 0"):
         ServeLimits(max_jobs=0)
+
+
+def test_serve_command_binds_loopback_by_default(model_path, monkeypatch) -> None:
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from pixelwise.cli import app as cli
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    result = CliRunner().invoke(cli, ["serve", "--model", f"city={model_path}", "--max-jobs", "2", "--max-pixels", "1000"])
+    assert result.exit_code == 0, result.output
+    ((served, kwargs),) = calls
+    assert (kwargs["host"], kwargs["port"]) == ("127.0.0.1", 8000)
+    assert list(served.state.models) == ["city"]
+    assert (served.state.limits.max_jobs, served.state.limits.max_pixels) == (2, 1000)
+    bad = CliRunner().invoke(cli, ["serve", "--model", "runs/none/model_best.safetensors"])
+    assert isinstance(bad.exception, ValueError) and "does not exist" in str(bad.exception)
