@@ -341,7 +341,7 @@ def _respond(served: ServedModel, labels: np.ndarray, as_json: bool, include_png
     """The label PNG, or the JSON body (with the PNG in base64 when asked). Runs in a worker thread."""
     png = encode_mask(labels, served.palette) if not as_json or include_png else b""
     if not as_json:
-        stem = Path(filename).stem or "upload"
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(filename).stem) or "upload"  # safe in a header
         return Response(png, media_type="image/png",
                         headers={"Content-Disposition": f'inline; filename="{stem}_labels.png"'})
     height, width = labels.shape
