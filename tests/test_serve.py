@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pixelwise.inference import predict_files
-from pixelwise.io import read_mask
 from pixelwise.models import create_model, load_model, save_model
 from pixelwise.serve import ServeLimits, create_app, load_models
 

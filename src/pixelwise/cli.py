@@ -5,6 +5,7 @@ Every user mistake surfaces as one line ``error: ...`` on stderr and exit code 2
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -95,8 +96,6 @@ def predict(
 
     Under torchrun (--nproc_per_node=N, and its multi-machine options) each rank predicts its own share.
     """
-    import os
-
     from pixelwise.inference import predict_files, shard_images
 
     mine = shard_images(images)
