@@ -1,10 +1,11 @@
-"""``pixelwise train | eval | predict | export | models | check-data | demo``: a thin skin over the API.
+"""``pixelwise train | eval | predict | export | models | check-data | demo | serve``: a thin skin over the API.
 
 Every user mistake surfaces as one line ``error: ...`` on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,8 +51,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.safetensors.")] = False,
 ) -> None:
     """Train a model; writes checkpoints, metrics.json, curves, confusion matrix and overlays."""
-    from pixelwise.report import write_run_report
-    from pixelwise.training import load_config, train as run_training
+    from pixelwise.training import load_config, train as run_training, write_run_report
 
     cfg = load_config(config, overrides or [])
     check_output_folder(cfg.out, "out")
@@ -74,32 +74,25 @@ def evaluate_cmd(
     crf: Crf = None,
 ) -> None:
     """Evaluate a trained model: per-class IoU table, metrics.json, confusion matrix, overlays."""
-    from pixelwise.data import eval_transform, open_dataset
-    from pixelwise.evaluation import evaluate
     from pixelwise.models import load_model
-    from pixelwise.report import write_eval_report
+    from pixelwise.tasks import get_task
 
     check_output_folder(out)
     scales_, crf = _scales(scales), _crf(crf)
     net, extra = load_model(model)
-    dataset = open_dataset(data, split, transform=eval_transform(mean=extra.get("mean"), std=extra.get("std")))
-    if extra.get("task", "semantic") == "semantic" and net.config["num_classes"] != dataset.num_classes:
-        raise ValueError(
-            f"model {model} predicts {net.config['num_classes']} classes ({', '.join(extra.get('class_names', []))}) "
-            f"but data set {data} ({split}) has {dataset.num_classes} ({', '.join(dataset.class_names)}); evaluate "
-            "on data labelled with the model's classes"
-        )
-    result = evaluate(
-        net, dataset, task=extra.get("task", "semantic"), tile=tile, overlap=overlap, scales=scales_, flip=flip,
-        crf=crf, mean=extra.get("mean"), std=extra.get("std"), keep_samples=4, progress=True,
+    task = get_task(extra.get("task", "semantic"))
+    dataset = task.open_eval(data, split, extra)
+    result = task.evaluate(
+        net, dataset, tile=tile, overlap=overlap, scales=scales_, flip=flip, crf=crf, mean=extra.get("mean"),
+        std=extra.get("std"), keep_samples=4, progress=True,
     )
-    metrics = write_eval_report(out, result, dataset.class_names, dataset.palette)
+    metrics = task.write_report(out, result, dataset)
     _print_summary(metrics, out)
 
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files to segment.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files, or folders of images, to segment.")],
     model: Annotated[Path, typer.Option(help="Model file written by training (model_best.safetensors).")],
     out: Annotated[Path, typer.Option(help="Folder for label PNGs, colour masks and overlays.")] = Path("runs/predict"),
     tile: Tile = None,
@@ -108,15 +101,22 @@ def predict(
     flip: Flip = False,
     crf: Crf = None,
     runtime: Annotated[str, typer.Option(help="torch, compile (torch.compile) or onnx (ONNX Runtime; needs --tile).")] = "torch",
+    resume: Annotated[bool, typer.Option(help="Skip images whose three outputs are already in OUT (continue an interrupted batch).")] = False,
 ) -> None:
-    """Segment images of any size; writes NAME_labels.png, NAME_colour.png and NAME_overlay.png."""
-    from pixelwise.inference import predict_files
+    """Segment images of any size; writes NAME_labels.png, NAME_colour.png and NAME_overlay.png.
 
+    Under torchrun (--nproc_per_node=N, and its multi-machine options) each rank predicts its own share.
+    """
+    from pixelwise.inference import predict_files, shard_images
+
+    mine = shard_images(images)
     written = predict_files(
-        images, model, out, tile=tile, overlap=overlap, scales=_scales(scales), flip=flip, crf=_crf(crf), runtime=runtime,
-        progress=True,
+        mine, model, out, tile=tile, overlap=overlap, scales=_scales(scales), flip=flip, crf=_crf(crf), runtime=runtime,
+        progress=True, skip_existing=resume,
     )
-    console.print(f"wrote {len(written)} predictions to {out}")
+    rank = f"rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']}: " if "WORLD_SIZE" in os.environ else ""
+    skipped = f", skipped {len(mine) - len(written)} already there" if resume else ""
+    console.print(f"{rank}wrote {len(written)} predictions to {out}{skipped}")
 
 
 @app.command()
@@ -187,8 +187,7 @@ def demo(
 ) -> None:
     """Train a small U-Net on built-in synthetic shapes (about a minute), evaluate, write a report."""
     from pixelwise.data.synthetic import write_synthetic_dataset
-    from pixelwise.report import write_run_report
-    from pixelwise.training import TrainConfig, train as run_training
+    from pixelwise.training import TrainConfig, train as run_training, write_run_report
 
     if images < 4:
         raise ValueError(f"--images {images} must be at least 4 (a quarter of them, at least 1, validate)")
@@ -205,6 +204,30 @@ def demo(
     metrics = write_run_report(result["run_dir"], cfg, result["history"])
     _print_summary(metrics, out)
     console.print(f"demo finished in {time.monotonic() - started:.0f} s; validation mIoU {metrics['mean_iou']:.3f}")
+
+
+@app.command()
+def serve(
+    model: Annotated[list[str], typer.Option(help="Model file (model_best.safetensors), served under its run folder's name, or NAME=PATH; repeat for more.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps the server private to this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body in MB (413 beyond).")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(help="Largest image, height x width (413 beyond).")] = 16_000_000,
+    max_jobs: Annotated[int, typer.Option(help="Images held at once, running or queued (503 + Retry-After beyond).")] = 4,
+    workers: Annotated[int, typer.Option(help="Inference threads.")] = 1,
+    timeout: Annotated[float, typer.Option(help="Seconds a request waits for its prediction (504 beyond).")] = 120.0,
+) -> None:
+    """Serve models over HTTP: a web page at /, the REST API under /v1 (documented at /docs)."""
+    import uvicorn
+
+    from pixelwise.serve import ServeLimits, create_app
+
+    limits = ServeLimits(max_upload_mb=max_upload_mb, max_pixels=max_pixels, max_jobs=max_jobs, workers=workers,
+                         timeout_s=timeout)
+    server = create_app(model, limits)
+    console.print(f"serving {', '.join(server.state.models)} on http://{host}:{port} (API docs at /docs)")
+    # Connections beyond the job queue's size only wait for a 503, so a few dozen suffice.
+    uvicorn.run(server, host=host, port=port, limit_concurrency=4 * max_jobs + 16, log_level="warning")
 
 
 def _print_summary(metrics: dict, run_dir: Path) -> None:
