@@ -545,3 +545,14 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         write_synthetic_dataset(a, n_train=1, n_val=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no temp folders left
+
+
+def test_binary_looking_masks_with_an_explicit_ignore_index_keep_it(tmp_path):
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(root / "images" / "a.png")
+    Image.fromarray(np.array([[0, 255, 0, 0, 0, 0, 0]] * 6, np.uint8)).save(root / "masks" / "a.png")
+    ds = FolderDataset(root, ignore_index=255)  # 255 said to be ignore: one class, 0
+    assert ds.num_classes == 1 and ds.binary_foreground is None
+    assert check_dataset(ds).ignore_pixels == 6

@@ -273,25 +273,22 @@ BINARY_FOREGROUND = (255, 65535)
 
 
 def infer_classes(mask_paths: Sequence[Path], ignore_index: int) -> tuple[int, int | None]:
-    """Number of classes from the mask values, and the foreground value of binary masks.
-
-    Masks holding exactly the two values 0 and 255 (or 0 and 65535) are binary masks:
-    2 classes, background 0 and foreground 255 (65535). Otherwise K = 1 + the largest
-    value other than ``ignore_index``. Reads every mask.
+    """Number of classes from the mask values, and whether the masks look binary. Reads every mask.
 
     Returns:
-        ``(K, foreground)``; ``foreground`` is None unless the masks are binary.
+        ``(K, foreground)``: K = 1 + the largest value other than ``ignore_index``;
+        ``foreground`` is 255 (65535) when the masks hold exactly the values 0 and 255 (0 and
+        65535), else None. The caller decides whether to read such masks as binary.
     """
     values = mask_values(mask_paths)
-    if len(values) == 2 and values[0] == 0 and values[1] in BINARY_FOREGROUND:
-        return 2, int(values[1])
+    binary = len(values) == 2 and values[0] == 0 and values[1] in BINARY_FOREGROUND
     labels = values[values != ignore_index]
-    if not labels.size:
+    if not labels.size and not binary:
         raise ValueError(
             f"every mask under {Path(mask_paths[0]).parent} holds only ignore_index={ignore_index}; "
             "nothing to learn from"
         )
-    return int(labels.max()) + 1, None
+    return int(labels.max()) + 1 if labels.size else 0, int(values[1]) if binary else None
 
 
 @functools.cache
@@ -388,7 +385,7 @@ class FolderDataset(SegmentationDataset):
             masks_read = list(infer_from) if infer_from is not None else [m for _, m in files]
             k, foreground = infer_classes(masks_read, ignore_index)
             if foreground is not None and default_ignore:
-                self.binary_foreground = foreground
+                k, self.binary_foreground = 2, foreground
                 class_names, explicit_palette = ["background", "foreground"], [(0, 0, 0), (255, 255, 255)]
                 notice(
                     f"masks in {mask_dir} hold only 0 and {foreground} and there is no {CLASSES_FILE}: reading them as "
