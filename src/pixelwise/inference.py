@@ -29,6 +29,7 @@ import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -449,6 +450,21 @@ def _whole_image(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Ten
 # ---------------------------------------------------------------------------------------
 
 
+def _exported_predictor(path: Path, runtime: str, tile: int | None) -> tuple[Any, dict[str, Any], tuple[int, int]]:
+    """An ``.onnx`` file from ``pixelwise export``: (predictor, saved extra, its tile size)."""
+    from pixelwise.export import OnnxPredictor
+
+    if runtime != "onnx":
+        raise ValueError(f"{path} is an exported ONNX model: run it with --runtime onnx (got --runtime {runtime})")
+    predictor = OnnxPredictor(path)
+    size = (predictor.height, predictor.width)
+    if None in size:
+        raise ValueError(f"{path} has a symbolic input size; export it for a fixed size with pixelwise export")
+    if tile is not None and (tile, tile) != size:
+        raise ValueError(f"{path} was exported for {size[0]}x{size[1]} tiles; drop --tile or export again at --tile {tile}")
+    return predictor, predictor.extra, size
+
+
 def predict_files(
     images: Sequence[str | Path],
     model_path: str | Path,
@@ -468,6 +484,9 @@ def predict_files(
     attached), ``NAME_colour.png`` (class colours) and ``NAME_overlay.png`` (colours
     over the image). ``runtime`` is ``"torch"``, ``"compile"`` or ``"onnx"``
     (see :func:`pixelwise.export.prepare_for_cpu`; ONNX needs ``tile``, the exported size).
+    ``model_path`` may also be an ``.onnx`` file written by ``pixelwise export`` (fp32 or
+    ``--int8``), run with ``runtime="onnx"`` in tiles of its exported size; its metadata
+    holds the class names, palette and normalisation.
     """
     from PIL import Image
     from rich.progress import track
@@ -482,12 +501,16 @@ def predict_files(
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ValueError(f"image file(s) not found: {', '.join(missing[:5])}; check the paths")
-    if runtime == "onnx" and tile is None:
-        raise ValueError("--runtime onnx needs --tile: the ONNX graph is exported for one fixed tile size")
-    model, extra = load_model(model_path)
-    model.eval()
-    in_channels = model.config["in_channels"]
-    predictor = prepare_for_cpu(model, runtime, tile=tile)
+    if Path(model_path).suffix == ".onnx":
+        predictor, extra, tile = _exported_predictor(Path(model_path), runtime, tile)
+        in_channels = predictor.in_channels
+    else:
+        if runtime == "onnx" and tile is None:
+            raise ValueError("--runtime onnx needs --tile: the ONNX graph is exported for one fixed tile size")
+        model, extra = load_model(model_path)
+        model.eval()
+        in_channels = model.config["in_channels"]
+        predictor = prepare_for_cpu(model, runtime, tile=tile)
     normalise = ToTensor(extra.get("mean"), extra.get("std"))
     palette = extra.get("palette") or [(0, 0, 0), (255, 255, 255)]
     out = Path(out)
