@@ -81,6 +81,8 @@ def test_int8_labels_agree_with_fp32_and_predict_runs_the_file(trained, tmp_path
     assert result.exit_code == 0, result.output
     written = read_mask(tmp_path / "0000_labels.png")
     assert (written == fp32[0].numpy()).mean() >= 0.98
+    result = runner.invoke(app, ["predict", str(image), "--model", str(out), "--out", str(tmp_path / "torch")])
+    assert isinstance(result.exception, ValueError) and "--runtime onnx" in str(result.exception)
 
 
 def test_int8_export_refuses_mismatched_calibration_sets(trained, tmp_path) -> None:

@@ -79,7 +79,7 @@ def evaluate_cmd(
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files to segment.")],
-    model: Annotated[Path, typer.Option(help="Model file written by training (model_best.safetensors).")],
+    model: Annotated[Path, typer.Option(help="Model file written by training (model_best.safetensors), or an .onnx from export (with --runtime onnx).")],
     out: Annotated[Path, typer.Option(help="Folder for label PNGs, colour masks and overlays.")] = Path("runs/predict"),
     tile: Tile = None,
     overlap: Overlap = 0.25,
