@@ -79,7 +79,7 @@ def evaluate_cmd(
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files to segment.")],
-    model: Annotated[Path, typer.Option(help="Model file written by training (model_best.safetensors), or an .onnx from export (with --runtime onnx).")],
+    model: Annotated[Path, typer.Option(help="Model file written by training (model_best.safetensors).")],
     out: Annotated[Path, typer.Option(help="Folder for label PNGs, colour masks and overlays.")] = Path("runs/predict"),
     tile: Tile = None,
     overlap: Overlap = 0.25,
@@ -101,7 +101,7 @@ def predict(
 @app.command()
 def export(
     model: Annotated[Path, typer.Option(help="Model file written by training.")],
-    out: Annotated[Path, typer.Option(help="Output .onnx file.")],
+    out: Annotated[Path, typer.Option(help="Output .onnx file (run it with: predict --model FILE --runtime onnx).")],
     height: Annotated[int, typer.Option(help="Fixed input height (predict tiles larger images).")] = 512,
     width: Annotated[int, typer.Option(help="Fixed input width.")] = 512,
     format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",

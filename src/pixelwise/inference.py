@@ -29,7 +29,6 @@ import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -450,7 +449,9 @@ def _whole_image(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Ten
 # ---------------------------------------------------------------------------------------
 
 
-def _exported_predictor(path: Path, runtime: str, tile: int | None) -> tuple[Any, dict[str, Any], tuple[int, int]]:
+def _exported_predictor(
+    path: Path, runtime: str, tile: int | None
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict, tuple[int, int]]:
     """An ``.onnx`` file from ``pixelwise export``: (predictor, saved extra, its tile size)."""
     from pixelwise.export import OnnxPredictor
 
@@ -480,13 +481,14 @@ def predict_files(
 ) -> list[Path]:
     """Segment image files with a saved model; returns the label PNGs written.
 
+    ``model_path`` is a ``.safetensors`` file from training, or an ``.onnx`` file from
+    ``pixelwise export`` (fp32 or ``--int8``) run with ``runtime="onnx"`` in tiles of its
+    exported size; its metadata holds the class names, palette and normalisation.
+
     For each ``NAME.ext`` writes into ``out``: ``NAME_labels.png`` (class ids, palette
     attached), ``NAME_colour.png`` (class colours) and ``NAME_overlay.png`` (colours
     over the image). ``runtime`` is ``"torch"``, ``"compile"`` or ``"onnx"``
     (see :func:`pixelwise.export.prepare_for_cpu`; ONNX needs ``tile``, the exported size).
-    ``model_path`` may also be an ``.onnx`` file written by ``pixelwise export`` (fp32 or
-    ``--int8``), run with ``runtime="onnx"`` in tiles of its exported size; its metadata
-    holds the class names, palette and normalisation.
     """
     from PIL import Image
     from rich.progress import track
