@@ -444,11 +444,6 @@ def _whole_image(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Ten
     return _probabilities(_checked(logits, image, tuple(image.shape[-2:]), "the model"))
 
 
-# ---------------------------------------------------------------------------------------
-# Files in, files out (the CLI's `predict`)
-# ---------------------------------------------------------------------------------------
-
-
 def _exported_predictor(
     path: Path, runtime: str, tile: int | None
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict, tuple[int, int]]:
@@ -464,6 +459,11 @@ def _exported_predictor(
     if tile is not None and (tile, tile) != size:
         raise ValueError(f"{path} was exported for {size[0]}x{size[1]} tiles; drop --tile or export again at --tile {tile}")
     return predictor, predictor.extra, size
+
+
+# ---------------------------------------------------------------------------------------
+# Files in, files out (the CLI's `predict`)
+# ---------------------------------------------------------------------------------------
 
 
 def predict_files(
