@@ -455,8 +455,9 @@ def export_onnx_int8(
     (the classifier, whose logits feed the argmax / softmax) in fp32; ``"none"`` quantizes
     every node. Measured on small models trained on synthetic shapes, the last conv costs
     the most agreement with fp32 (SegNet-Basic: 97.4 % of pixels with every node int8,
-    97.6 % first fp32, 98.5 % last fp32, 98.7 % both), hence ``"ends"`` (benchmarks/README.md). The file records which nodes stayed fp32 in ``pixelwise.int8_fp32_nodes`` and
-    is run like any other export by :class:`OnnxPredictor`.
+    97.6 % first fp32, 98.5 % last fp32, 98.7 % both), hence ``"ends"`` (benchmarks/README.md).
+    The file records which nodes stayed fp32 in ``pixelwise.int8_fp32_nodes`` and is run
+    like any other export by :class:`OnnxPredictor`.
 
     Args:
         model: maps (N, C, H, W) images to (N, K, H, W) logits.
@@ -481,7 +482,9 @@ def export_onnx_int8(
             f"size), got shape {tuple(calibration.shape)}; build it with pixelwise.export.calibration_batch"
         )
     with tempfile.TemporaryDirectory(prefix="pixelwise-int8-") as tmp:
-        fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", height=height, width=width, in_channels=in_channels, extra=extra)
+        fp32 = export_onnx(
+            model, Path(tmp) / "fp32.onnx", height=height, width=width, in_channels=in_channels, extra=extra
+        )
         prepared = Path(tmp) / "prepared.onnx"  # shapes inferred and graph optimised, as quantize_static asks
         quant_pre_process(str(fp32), str(prepared))
         graph = onnx.load(prepared)
