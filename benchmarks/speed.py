@@ -13,9 +13,10 @@ Runtimes: ``eager`` (the model in eval mode under ``torch.inference_mode``), ``t
 ONNX Runtime), ``onnx-int8`` (:func:`pixelwise.export.export_onnx_int8` at that size: int8
 QDQ, calibrated on ``--calib-images`` CamVid train images when ../shared/data/camvid exists,
 else on standard-normal noise; the models are untrained, so only the speed means anything).
-GFLOP are counted once per model with ``FlopCounterMode`` on an eager forward (tiled: per tile, times the tiles the run made); achieved GFLOP/s are compared
-with the best of ten 2048 x 2048 fp32 matmuls measured at the start of the same run. Every (model, workload, runtime) cell runs in its own subprocess,
-so "peak RSS" is that process's own high-water mark (``ru_maxrss``): it includes the
+GFLOP are counted once per model with ``FlopCounterMode`` on an eager forward (tiled: per
+tile, times the tiles the run made); achieved GFLOP/s are compared with the best of ten
+2048 x 2048 fp32 matmuls measured at the start of the same run. Every (model, workload,
+runtime) cell runs in its own subprocess, so "peak RSS" is that process's own high-water mark (``ru_maxrss``): it includes the
 interpreter and the imported libraries (the "baseline" in the header), the weights, and
 for ``compile`` the compilation itself; peaks do not accumulate across rows.
 
