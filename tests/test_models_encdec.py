@@ -13,6 +13,7 @@ from torch import nn
 
 from pixelwise.models import create_model
 from pixelwise.models.backbones import load_backbone_weights
+from pixelwise.models.densenet import FCDenseNet
 from pixelwise.models.fcn import load_vgg16_weights
 from pixelwise.models.layers import mirror_pad
 from pixelwise.models.segnet import SegNetDecoder
@@ -522,3 +523,29 @@ def test_fcdensenet_tiny_input() -> None:
         out = model(torch.randn(2, 1, 5, 7))
     assert out.shape == (2, 5, 5, 7)
     assert torch.isfinite(out).all()
+
+
+def test_fcdensenet_memory_efficient_matches_plain() -> None:
+    """Checkpointed dense layers: same outputs, gradients, BN statistics and state-dict keys."""
+    assert meta_model("fcdensenet103", num_classes=11, memory_efficient=True).state_dict().keys() == (
+        meta_model("fcdensenet103", num_classes=11).state_dict().keys()
+    )
+    torch.manual_seed(0)
+    small = {"block_layers": (3, 3), "bottleneck_layers": 2, "growth_rate": 6, "first_channels": 8, "dropout": 0.2}
+    plain = FCDenseNet(4, 3, **small)
+    lean = FCDenseNet(4, 3, **small, memory_efficient=True)
+    lean.load_state_dict(plain.state_dict())  # strict: the keys are the same
+    x, y = torch.randn(2, 3, 20, 28), torch.randint(0, 4, (2, 20, 28))
+    outputs = []
+    for model in (plain, lean):
+        torch.manual_seed(1)  # the same dropout masks; checkpoint must replay them in backward
+        out = model.train()(x)
+        F.cross_entropy(out, y).backward()
+        outputs.append(out.detach())
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+    grads = dict(plain.named_parameters())
+    for name, p in lean.named_parameters():
+        assert torch.allclose(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7), name
+    # Recomputation in backward does not update the running statistics a second time.
+    for key, value in plain.state_dict().items():
+        assert torch.equal(lean.state_dict()[key], value), key

@@ -122,23 +122,50 @@ def predict(
 @app.command()
 def export(
     model: Annotated[Path, typer.Option(help="Model file written by training.")],
-    out: Annotated[Path, typer.Option(help="Output .onnx file.")],
+    out: Annotated[Path, typer.Option(help="Output .onnx file (run it with: predict --model FILE --runtime onnx).")],
     height: Annotated[int, typer.Option(help="Fixed input height (predict tiles larger images).")] = 512,
     width: Annotated[int, typer.Option(help="Fixed input width.")] = 512,
     format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    int8: Annotated[bool, typer.Option("--int8", help="Static int8 quantization (ONNX Runtime, QDQ); needs --calibrate.")] = False,
+    calibrate: Annotated[Optional[str], typer.Option(help="Calibration images for --int8: DATA[:split] (split default train), the model's data set.")] = None,
+    calib_images: Annotated[int, typer.Option(help="Number of calibration images (centre crops at the export size).")] = 32,
 ) -> None:
-    """Export a trained model to ONNX (batch-norm folded, dynamic batch, fixed H x W)."""
-    from pixelwise.export import export_onnx
+    """Export a trained model to ONNX (batch-norm folded, dynamic batch, fixed H x W), optionally int8."""
+    from pixelwise.export import calibration_batch, export_onnx, export_onnx_int8
     from pixelwise.models import load_model
+    from pixelwise.tasks import get_task
 
     if format != "onnx":
         raise ValueError(f"--format {format!r} is not supported; use onnx")
+    if int8 != (calibrate is not None):
+        raise ValueError("--int8 and --calibrate DATA[:split] go together: int8 ranges are calibrated on the model's data set")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the .onnx file to write, e.g. {out / 'model.onnx'}")
     check_output_folder(out.parent)
-    net, _ = load_model(model)
-    path = export_onnx(net, out, height=height, width=width)
-    console.print(f"wrote {path}")
+    net, extra = load_model(model)
+    if not int8:
+        console.print(f"wrote {export_onnx(net, out, height=height, width=width, extra=extra)}")
+        return
+    task = get_task(extra.get("task", "semantic"))
+    data, split = _data_and_split(calibrate)
+    images = calibration_batch(
+        task.open_eval(data, split, extra), height=height, width=width, in_channels=net.config["in_channels"],
+        num_images=calib_images, source=f"--calibrate {calibrate}",
+        class_names=extra.get("class_names") if task.name == "semantic" else None,  # other tasks' outputs are not its classes
+        normalised=extra.get("mean") is not None or extra.get("std") is not None,
+    )
+    path = export_onnx_int8(net, out, images, height=height, width=width, extra=extra)
+    console.print(f"wrote {path} (int8, calibrated on {len(images)} images of {data} {split})")
+
+
+def _data_and_split(text: str, default: str = "train") -> tuple[str, str]:
+    """``DATA[:split]`` -> (DATA, split): a trailing ``:word`` is a split when what precedes it is a spec or a path."""
+    import re
+
+    head, sep, tail = text.rpartition(":")
+    if sep and re.fullmatch(r"[A-Za-z0-9_-]+", tail) and (":" in head or Path(head).exists()):
+        return head, tail
+    return text, default
 
 
 @app.command()
