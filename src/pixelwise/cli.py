@@ -148,8 +148,12 @@ def export(
         return
     task = get_task(extra.get("task", "semantic"))
     data, split = _data_and_split(calibrate)
+    try:
+        dataset = task.open_eval(data, split, extra)
+    except ValueError as err:
+        raise ValueError(f"--calibrate {calibrate}: {err}") from None
     images = calibration_batch(
-        task.open_eval(data, split, extra), height=height, width=width, in_channels=net.config["in_channels"],
+        dataset, height=height, width=width, in_channels=net.config["in_channels"],
         num_images=calib_images, source=f"--calibrate {calibrate}",
         class_names=extra.get("class_names") if task.name == "semantic" else None,  # other tasks' outputs are not its classes
         normalised=extra.get("mean") is not None or extra.get("std") is not None,

@@ -131,8 +131,8 @@ class SemanticTask(Task):
         if names is not None and len(names) != self.output_channels(dataset):
             raise ValueError(
                 f"the model was trained on {len(names)} classes ({', '.join(names)}) but {data} ({split}) has "
-                f"{dataset.num_classes} ({', '.join(dataset.class_names)}); evaluate on data labelled with the "
-                "model's classes"
+                f"{dataset.num_classes} ({', '.join(dataset.class_names)}); use data labelled with the model's "
+                "classes"
             )
         return dataset
 
