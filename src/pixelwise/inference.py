@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pixelwise.models.layers import resize_to
+from pixelwise.models.layers import reflect_indices, resize_to
 
 BLEND_MODES = ("gaussian", "constant")
 PAD_MODES = ("reflect", "constant")
@@ -90,11 +90,7 @@ def _source_index(
     if pad == "constant":
         inside = (idx >= 0) & (idx < size)
         return idx.clamp(0, size - 1), inside
-    if size == 1:
-        return torch.zeros_like(idx), None
-    period = 2 * (size - 1)
-    idx = idx.remainder(period)
-    return torch.where(idx >= size, period - idx, idx), None
+    return reflect_indices(start, length, size, device), None
 
 
 @dataclass(frozen=True)
