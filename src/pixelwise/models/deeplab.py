@@ -264,11 +264,25 @@ class DeepLabV1(nn.Module):
     a two-layer MLP (:class:`MultiScaleMLP`, 128 3x3 then 128 1x1) on the input image and on
     pool1 .. pool4, each strided to output stride 8 (8, 4, 2, 1, 1), concatenated after fc7
     (1024 + 5 * 128 = 1664 channels into fc8). Keys ``ms.0`` (image) .. ``ms.4`` (pool4).
+
+    Args:
+        num_classes: K.
+        in_channels: image channels.
+        multiscale: build the MSc branches.
+        base_channels: VGG16 width (64; stages 1, 2, 4, 8, 8 times it).
+        fc_channels: width of fc6 and fc7 (1024 in LargeFOV).
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3, multiscale: bool = False) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        multiscale: bool = False,
+        base_channels: int = 64,
+        fc_channels: int = 1024,
+    ) -> None:
         super().__init__()
-        self.backbone = VGG16(in_channels, batch_norm=False)
+        self.backbone = VGG16(in_channels, batch_norm=False, base_channels=base_channels)
         for stage in (1, 2, 3):
             self.backbone.replace_pool(stage, nn.MaxPool2d(3, 2, 1))
         for stage in (4, 5):
@@ -280,19 +294,19 @@ class DeepLabV1(nn.Module):
         self.pool5a = nn.AvgPool2d(3, 1, 1)  # Caffe AVE pooling counts the padding, as here
         self.head = nn.Sequential(
             OrderedDict(
-                fc6=nn.Conv2d(512, 1024, 3, padding=12, dilation=12),
+                fc6=nn.Conv2d(self.backbone.out_channels["c5"], fc_channels, 3, padding=12, dilation=12),
                 relu6=nn.ReLU(inplace=True),
                 drop6=nn.Dropout(0.5),
-                fc7=nn.Conv2d(1024, 1024, 1),
+                fc7=nn.Conv2d(fc_channels, fc_channels, 1),
                 relu7=nn.ReLU(inplace=True),
                 drop7=nn.Dropout(0.5),
             )
         )
         self.ms = None
         if multiscale:
-            sources = zip((in_channels, 64, 128, 256, 512), (8, 4, 2, 1, 1))
-            self.ms = nn.ModuleList(MultiScaleMLP(c, stride) for c, stride in sources)
-        self.fc8 = nn.Conv2d(1024 + (5 * 128 if multiscale else 0), num_classes, 1)
+            widths = [in_channels, *(self.backbone.out_channels[f"c{i}"] for i in (1, 2, 3, 4))]
+            self.ms = nn.ModuleList(MultiScaleMLP(c, stride) for c, stride in zip(widths, (8, 4, 2, 1, 1)))
+        self.fc8 = nn.Conv2d(fc_channels + (5 * 128 if multiscale else 0), num_classes, 1)
         nn.init.normal_(self.fc8.weight, std=0.01)
         nn.init.zeros_(self.fc8.bias)
 
@@ -491,7 +505,7 @@ def deeplabv1_msc(*, num_classes: int, in_channels: int = 3) -> DeepLabV1:
     """DeepLab-MSc-LargeFOV: LargeFOV plus 128+128 MLPs on the image and pool1-4, concatenated before fc8.
 
     21 classes: 20,505,429 + the five MLPs (3x3 conv 128 + 1x1 conv 128, with biases, on 3,
-    64, 128, 256 and 512 channels) + 640 more fc8 inputs per class = 21,569,109 parameters.
+    64, 128, 256 and 512 channels) + 640 more fc8 inputs per class = 21,711,445 parameters.
 
     Args:
         num_classes: K.
@@ -509,7 +523,8 @@ def load_deeplabv1_vgg16(model: DeepLabV1, path: str | Path) -> list[str]:
     taps 0, 3, 6 (the 7x7 kernel decimated to 3x3, which the rate-12 dilation spreads back
     out) -> (1024, 512, 3, 3); fc7 (4096, 4096) keeps every 4th output and input ->
     (1024, 1024, 1, 1); biases keep every 4th entry. fc8 and the MSc branches stay as
-    initialised.
+    initialised. (For a model built with other widths the checkpoint's fc layers must be
+    4 times ``fc_channels`` wide.)
 
     Returns:
         The checkpoint keys that were not used (the ImageNet classifier ``classifier.6.*``).
@@ -519,7 +534,8 @@ def load_deeplabv1_vgg16(model: DeepLabV1, path: str | Path) -> list[str]:
         unused = load_backbone_weights(model.backbone, state)
     except ValueError as err:
         raise ValueError(f"{str(path)!r}: {err}") from err
-    (fc6_w, fc6_b), (fc7_w, fc7_b) = vgg16_fc_as_convs(state, str(path))
+    fc6 = model.head.fc6
+    (fc6_w, fc6_b), (fc7_w, fc7_b) = vgg16_fc_as_convs(state, str(path), fc6.in_channels, 4 * fc6.out_channels)
     with torch.no_grad():
         model.head.fc6.weight.copy_(fc6_w[::4, :, ::3, ::3])
         model.head.fc6.bias.copy_(fc6_b[::4])

@@ -63,23 +63,25 @@ class VGG16(nn.Module):
         self.features[self._pools[stage - 1]] = pool
 
 
-def vgg16_fc_as_convs(state: Mapping[str, torch.Tensor], source: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def vgg16_fc_as_convs(
+    state: Mapping[str, torch.Tensor], source: str, in_channels: int = 512, width: int = 4096
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """torchvision ``vgg16``'s fc6 / fc7 (``classifier.0`` / ``classifier.3``) as conv weights.
 
-    Returns ``[(fc6 weight (4096, 512, 7, 7), bias (4096,)), (fc7 weight (4096, 4096, 1, 1),
-    bias (4096,))]``: the FCN paper's "convolutionalization". torchvision flattens pool5 as
-    (C, H, W), so a plain reshape keeps each weight in its place. ``source`` names the
-    checkpoint in errors.
+    Returns ``[(fc6 weight (width, in_channels, 7, 7), bias (width,)), (fc7 weight (width,
+    width, 1, 1), bias (width,))]`` (4096 and 512 for VGG16): the FCN paper's
+    "convolutionalization". torchvision flattens pool5 as (C, H, W), so a plain reshape
+    keeps each weight in its place. ``source`` names the checkpoint in errors.
     """
     out = []
-    for key, shape in (("classifier.0", (4096, 512, 7, 7)), ("classifier.3", (4096, 4096, 1, 1))):
+    for key, shape in (("classifier.0", (width, in_channels, 7, 7)), ("classifier.3", (width, width, 1, 1))):
         weight, bias = state.get(f"{key}.weight"), state.get(f"{key}.bias")
         if weight is None or bias is None:
             raise ValueError(f"{source!r} lacks {key}.weight / {key}.bias; pass a torchvision vgg16 checkpoint")
         flat = (shape[0], shape[1] * shape[2] * shape[3])
         if tuple(weight.shape) != flat or tuple(bias.shape) != (shape[0],):
             raise ValueError(
-                f"{source!r}: {key}.weight has shape {tuple(weight.shape)}, fc layers need {flat}; "
+                f"{source!r}: {key}.weight has shape {tuple(weight.shape)}, the fc layers need {flat}; "
                 "pass a torchvision vgg16 (not vgg16_bn or another network) checkpoint"
             )
         out.append((weight.reshape(shape), bias))
