@@ -20,9 +20,12 @@ max-pool (stride 1) and a 3x3 conv fed by the previous block, every block's outp
 into the running result; one output RCU ends the block.
 
 The CRP chain length: the CVPR paper's Fig. 2(d) draws two pooling blocks and Sec. 3.2
-says two are used, so ``crp_blocks=2`` is the default; ``crp_blocks=4`` gives the four of
-the authors' later code and of the issue that asked for this model. RCU convs carry a bias
-(BN is removed); fusion, CRP and dimension-reduction convs have none.
+says two are used, so ``crp_blocks=2`` is the default (ResNet-101, 21 classes: 109,758,293
+parameters); ``crp_blocks=4`` is the four-block chain of later implementations
+(118,015,829 parameters, which matches the 118M that Light-Weight RefineNet, Nekrasov et
+al. 2018, reports for RefineNet-101; a secondary figure). RCU convs carry a bias (BN is
+removed); fusion, CRP and dimension-reduction convs have none. The paper gives no
+parameter count.
 """
 
 from __future__ import annotations
