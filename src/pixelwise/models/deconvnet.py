@@ -18,7 +18,7 @@ For an input (N, C, H, W); every conv and deconv has a bias, BN and ReLU::
     -> (N, K, H, W)
 
 Each unpooling puts values back at the argmax positions of its mirror pool (zeros
-elsewhere). 21 classes: 252,280,341 parameters (PyTorch convention, BN = 2 C; the paper's
+elsewhere). 21 classes: 251,805,653 parameters (PyTorch convention, BN = 2 C; the paper's
 "252M"). The prototxt is written for 224 x 224 inputs (pool5 7 x 7, fc6 to 1 x 1). Here any
 size works: a side under 224 is mirror-padded at the bottom/right to 224 and the logits
 cropped back, larger inputs run fully convolutionally (fc6 a valid 7x7 conv over the pool5
@@ -112,7 +112,7 @@ class DeconvNet(nn.Module):
 
 
 def deconvnet(*, num_classes: int, in_channels: int = 3, base_channels: int = 64, fc_channels: int = 4096) -> DeconvNet:
-    """DeconvNet (VGG16-BN + mirrored unpooling/deconv network; 252,280,341 parameters for 21 classes, the paper's 252M)."""
+    """DeconvNet (VGG16-BN + mirrored unpooling/deconv network; 251,805,653 parameters for 21 classes, the paper's 252M)."""
     return DeconvNet(num_classes, in_channels, base_channels, fc_channels)
 
 

@@ -1,19 +1,23 @@
-"""The DeepLab family: v1 LargeFOV, v2 ASPP-L, v3 and v3+ (Chen et al. 2015-2018).
+"""The DeepLab family: v1 LargeFOV (+ MSc), v2 ASPP-L, v3 (parallel and cascaded) and v3+ (Chen et al. 2015-2018).
 
 - v1 LargeFOV (https://arxiv.org/abs/1412.7062): VGG16 with 3x3 pools, pool4/pool5 at
   stride 1 (output stride 8), conv5 at dilation 2, a 3x3 stride-1 average pool
   (``pool5a`` of the released prototxt), fc6 3x3 dilation 12 (1024), fc7 1x1 (1024),
-  fc8 1x1 to classes, x8 bilinear upsampling.
+  fc8 1x1 to classes, x8 upsampling as Caffe's ``Interp`` layer (41 -> 321, aligned
+  corners). ``deeplabv1_msc``: the MSc variant with MLPs on the image and pool1-4.
+  :func:`load_deeplabv1_vgg16` builds fc6/fc7 from a torchvision VGG16 checkpoint.
 - v2 (https://arxiv.org/abs/1606.00915): ResNet at output stride 8; ASPP-L = four 3x3
   convs at rates 6/12/18/24 straight to class scores, summed.
-- v3 (https://arxiv.org/abs/1706.05587): ResNet with multi-grid (1, 2, 4) in ``layer4``;
-  ASPP (1x1, three 3x3 at rates 6/12/18 at output stride 16 or 12/24/36 at 8, image
-  pooling; 256 channels + BN + ReLU each), 1x1 projection; 3x3 conv + 1x1 classifier.
-  Layout and keys are torchvision's ``deeplabv3_resnet*`` (``backbone``, ``classifier``,
-  ``aux_classifier``).
+- v3 (https://arxiv.org/abs/1706.05587): ResNet with multi-grid (1, 2, 4) in ``layer4``
+  (unit rates times the block rate: (2, 4, 8) at output stride 16); ASPP (1x1, three 3x3
+  at rates 6/12/18 at output stride 16 or 12/24/36 at 8, image pooling; 256 channels +
+  BN + ReLU each). Paper head (default): concat -> 1x1 conv 256 + BN -> 1x1 logits;
+  ``head="torchvision"``: torchvision's extra 3x3 conv + BN + ReLU and dropout 0.5, with
+  its keys. ``deeplabv3_cascade``: the "going deeper" model of Sec. 3.1 (block5-7).
 - v3+ (https://arxiv.org/abs/1802.02611): the v3 encoder plus a decoder that fuses the
-  stride-4 features; optional depthwise separable convs; ResNet, aligned Xception-65 or
-  MobileNetV2 backbone.
+  stride-4 features. Paper default: aligned Xception-65, depthwise separable convs in ASPP
+  and decoder, dropout 0.1 after the ASPP projection (TF DeepLab); ResNet or MobileNetV2
+  backbones and plain convs are options.
 
 v3 and v3+ switch output stride in place (``set_output_stride``): the backbone's dilation
 and the ASPP rates change together, the weights stay, so a model trained at 16 can be
@@ -596,7 +600,7 @@ def deeplabv3_cascade(
     output_stride: int = 16,
     multi_grid: Sequence[int] = (1, 2, 4),
 ) -> DeepLabV3Cascade:
-    """DeepLab v3 cascaded (Sec. 3.1): block4 copied as block5-7 with doubling atrous rates, no ASPP.
+    """DeepLab v3 cascaded, the paper's Sec. 3.1: block4 copied as block5-7, doubling atrous rates, multi-grid (1, 2, 4).
 
     ResNet-50, 21 classes: 63,714,389 parameters (the backbone's 23,508,032, three blocks of
     three 2048-512-2048 bottlenecks, and a 1x1 classifier).

@@ -1,14 +1,16 @@
 """PSPNet (Zhao et al. 2017, "Pyramid Scene Parsing Network", https://arxiv.org/abs/1612.01105).
 
-Dilated ResNet (output stride 8; the paper's deep 3x3 stem by default) -> pyramid pooling module (bins 1, 2, 3, 6; each a 1x1
-conv to C/4 + BN + ReLU, upsampled and concatenated with the input) -> 3x3 conv 512 + BN +
-ReLU -> dropout 0.1 -> 1x1 classifier -> bilinear resize to the input. An optional
+Dilated ResNet (output stride 8; the paper's deep 3x3 stem by default, torchvision's 7x7
+stem with ``stem="standard"``) -> pyramid pooling module (bins 1, 2, 3, 6; each a 1x1 conv
+to C/4 + BN + ReLU, upsampled and concatenated with the input) -> 3x3 conv 512 + BN + ReLU
+-> dropout 0.1 -> 1x1 classifier -> bilinear resize to the input. An optional
 auxiliary FCN head on ``c4`` (ResNet ``layer3``) is trained with loss weight 0.4.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -109,7 +111,7 @@ def pspnet(
     backbone: str = "resnet50",
     output_stride: int = 8,
     aux: bool = False,
-    stem: str = "deep",
+    stem: Literal["deep", "standard"] = "deep",
 ) -> nn.Module:
     """PSPNet on a dilated ResNet; paper: deep 3x3 stem (default), option stem="standard" (torchvision's 7x7).
 
