@@ -48,3 +48,21 @@ def test_unknown_option_names_the_argument() -> None:
     name = list_models()[0]
     with pytest.raises(ValueError, match="does not take colour"):
         create_model(name, num_classes=2, colour="red")
+
+
+def test_config_records_every_option_so_checkpoints_survive_default_changes(tmp_path) -> None:
+    from pixelwise.models import load_model, save_model
+
+    model = create_model("unet", num_classes=2, in_channels=1, base_channels=4, depth=2)
+    assert model.config == {
+        "name": "unet", "num_classes": 2, "in_channels": 1, "base_channels": 4, "depth": 2,
+        "batch_norm": True, "upsampling": "transpose",
+    }
+    with torch.device("meta"):
+        v3 = create_model("deeplabv3", num_classes=2)
+    assert (v3.config["head"], v3.config["multi_grid"]) == ("paper", [1, 2, 4])
+    save_model(model, tmp_path / "m.safetensors")
+    again, _ = load_model(tmp_path / "m.safetensors")
+    assert again.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value)
