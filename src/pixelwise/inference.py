@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pixelwise.models.layers import resize_to
+from pixelwise.models.layers import reflect_indices, resize_to
 
 if TYPE_CHECKING:
     from pixelwise.data.transforms import ToTensor
@@ -95,11 +95,7 @@ def _source_index(
     if pad == "constant":
         inside = (idx >= 0) & (idx < size)
         return idx.clamp(0, size - 1), inside
-    if size == 1:
-        return torch.zeros_like(idx), None
-    period = 2 * (size - 1)
-    idx = idx.remainder(period)
-    return torch.where(idx >= size, period - idx, idx), None
+    return reflect_indices(start, length, size, device), None
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ class TrainConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     hflip: bool = True
     color_jitter: float = 0.2
-    elastic: bool = False
+    elastic: bool | str = False
     mean: list[float] | None = None
     std: list[float] | None = None
     optimizer: str = "sgd"

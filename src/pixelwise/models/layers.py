@@ -77,18 +77,33 @@ def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tens
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def reflect_indices(start: int, length: int, size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Indices into an axis of ``size`` for positions ``start .. start + length - 1``, mirrored.
+
+    Positions outside ``[0, size)`` reflect about the edge pixels without repeating them
+    (numpy's ``reflect``), again and again for pads longer than the axis (period
+    ``2 * (size - 1)``); a size-1 axis repeats its pixel. E.g. size 3, start -4, length 11:
+    ``[0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2]``.
+    """
+    idx = torch.arange(start, start + length, device=device)
+    if size == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (size - 1)
+    idx = idx.remainder(period)
+    return torch.where(idx >= size, period - idx, idx)
+
+
 def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
     """Pad (N, C, H, W) by mirroring the border (``reflect``: the edge pixel is not repeated).
 
-    An axis whose pad is not smaller than the image along it cannot be reflected; that axis
-    is padded by repeating its edge pixel (``replicate``) instead.
+    Pads of any length reflect repeatedly (:func:`reflect_indices`), the same rule as the
+    sliding-window inference, so a pad longer than the image continues the mirror pattern.
     """
+    h, w = x.shape[-2:]
     if top or bottom:
-        mode = "reflect" if max(top, bottom) < x.shape[-2] else "replicate"
-        x = F.pad(x, (0, 0, top, bottom), mode=mode)
+        x = x.index_select(-2, reflect_indices(-top, h + top + bottom, h, x.device))
     if left or right:
-        mode = "reflect" if max(left, right) < x.shape[-1] else "replicate"
-        x = F.pad(x, (left, right, 0, 0), mode=mode)
+        x = x.index_select(-1, reflect_indices(-left, w + left + right, w, x.device))
     return x
 
 
