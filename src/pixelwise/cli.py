@@ -143,10 +143,17 @@ def check_data(
     data: Annotated[str, typer.Argument(help="Data set: camvid:PATH, isbi2012:PATH, voc:PATH, cityscapes:PATH or a folder.")],
     split: Annotated[str, typer.Option(help="Split to check.")] = "train",
 ) -> None:
-    """Report class histogram, image sizes and every bad image/mask pair; exit 2 if any is bad."""
-    from pixelwise.data import check_dataset, open_dataset
+    """Report class histogram, image sizes and every bad image/mask pair; exit 2 if any is bad.
 
-    report = check_dataset(open_dataset(data, split))
+    A scribble folder (SPLIT/scribbles/, see pixelwise.data.scribbles) gets the labelled
+    fraction per image and per class instead."""
+    from pixelwise.data import check_dataset, open_dataset
+    from pixelwise.data.scribbles import check_scribbles, is_scribble_folder, open_scribbles
+
+    if is_scribble_folder(data, split):
+        report = check_scribbles(open_scribbles(data, split))
+    else:
+        report = check_dataset(open_dataset(data, split))
     console.print(report.format(), markup=False)
     if report.problems:
         raise typer.Exit(2)
