@@ -3,8 +3,9 @@
 Methods (``task_args.method``):
 
 - ``partial_ce``: cross-entropy on the scribbled pixels only.
-- ``scribblesup``: ScribbleSup (Lin et al., CVPR 2016): the epochs are split into
-  ``rounds`` equal rounds; each round starts by propagating the scribbles over each training
+- ``scribblesup``: ScribbleSup (Lin et al., CVPR 2016): training is split into ``rounds``
+  equal rounds (of ``epochs``, or of ``max_minutes`` when a time budget is set: a round
+  starts at the first epoch after its share of the budget); each round starts by propagating the scribbles over each training
   image's superpixel graph (:func:`pixelwise.weak.propagate_labels`; round 1 with appearance
   models, later rounds with the network's predictions averaged per superpixel), then
   trains with cross-entropy on the propagated labels. Each round's labels are written to
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,6 @@ from pixelwise.metrics import ConfusionMatrix
 from pixelwise.tasks.base import register_task
 from pixelwise.tasks.semantic import SemanticTask
 from pixelwise.weak.regularized import RegularizedLoss
-from pixelwise.weak.scribblesup import propagate_labels
-from pixelwise.weak.superpixels import build_superpixel_graph
 
 METHODS = ("partial_ce", "scribblesup", "regularized")
 DEFAULTS: dict[str, Any] = {
@@ -113,6 +113,8 @@ class ScribbleTask(SemanticTask):
         self.run_dir, self.device = Path(cfg.out), device
         self.mean, self.std, self.scales = cfg.mean, cfg.std, tuple(cfg.val_scales)
         self.round_epochs = math.ceil(cfg.epochs / self.opts["rounds"])
+        self.round_seconds = None if cfg.max_minutes is None else 60 * cfg.max_minutes / self.opts["rounds"]
+        self.started = time.monotonic()
         self.round = 0
         self.graphs: dict[int, Any] = {}
         super().setup(cfg, train_set, model, device)
@@ -151,13 +153,19 @@ class ScribbleTask(SemanticTask):
         """ScribbleSup: at the first epoch of each round, propagate the scribbles anew."""
         if self.opts["method"] != "scribblesup":
             return
-        round_ = min((epoch - 1) // self.round_epochs + 1, self.opts["rounds"])
+        if self.round_seconds is None:
+            round_ = (epoch - 1) // self.round_epochs + 1
+        else:
+            round_ = int((time.monotonic() - self.started) // self.round_seconds) + 1
+        round_ = min(round_, self.opts["rounds"])
         if round_ != self.round:  # also after --resume mid-round: propagate with the current network
-            self.propagate(round_, model, train_set)
+            self.propagate(round_, model, train_set, epoch)
 
     @torch.no_grad()
-    def propagate(self, round_: int, model: nn.Module, train_set: ScribbleDataset) -> dict[str, Any]:
+    def propagate(self, round_: int, model: nn.Module, train_set: ScribbleDataset, epoch: int = 1) -> dict[str, Any]:
         """Propagated labels of every training image for ``round_`` (stored on ``train_set.labels``)."""
+        from pixelwise.weak import build_superpixel_graph, propagate_labels  # the weak extra
+
         o, k, ignore = self.opts, train_set.num_classes, train_set.ignore_index
         to_tensor = eval_transform(mean=self.mean, std=self.std)
         was_training = model.training
@@ -181,7 +189,8 @@ class ScribbleTask(SemanticTask):
                 score.update(torch.from_numpy(y)[None], torch.from_numpy(truth)[None])
         model.train(was_training)
         train_set.labels, self.round = labels, round_
-        record: dict[str, Any] = {"round": round_, "images": len(labels), "labelled_fraction": marked / max(pixels, 1)}
+        record: dict[str, Any] = {"round": round_, "epoch": epoch, "images": len(labels),
+                                  "labelled_fraction": marked / max(pixels, 1)}
         if train_set.dense is not None:
             m = score.compute()
             record.update({"mean_iou": m["mean_iou"], "pixel_accuracy": m["pixel_accuracy"]})
