@@ -2,10 +2,12 @@
 
     python benchmarks/scribbles.py --minutes 60                      # the full-budget run
     python benchmarks/scribbles.py --minutes 2 --train-images 60 --val-images 30   # a smoke run
+    python benchmarks/scribbles.py --data runs/shapes --minutes 0 --epochs 12        # any dense folder, fixed epochs
 
 Every row trains the same model from scratch for the same time budget (``max_minutes``;
-ScribbleSup's propagation between rounds counts against it) on CamVid at half resolution
-(180 x 240, images and masks resized once into ``OUT/dense``); strokes are simulated once
+ScribbleSup's propagation between rounds counts against it), or with ``--minutes 0`` for
+the same number of epochs (fairer on a shared machine), on CamVid at half resolution
+(180 x 240, images and masks resized once into ``OUT/dense``) or on ``--data``; strokes are simulated once
 from the train masks (``OUT/scribbles``, :func:`pixelwise.data.scribbles.write_scribble_dataset`)
 and shared by the scribble rows. Rows: full masks; partial CE on the strokes; ScribbleSup
 after each of its rounds (val mIoU at the round's last epoch); the regularized loss.
@@ -59,8 +61,10 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=CAMVID, help="CamVid folder (SegNet layout)")
     parser.add_argument("--model", default="unet")
     parser.add_argument("--model-args", default='{"base_channels": 16}', help="JSON dict of model options")
-    parser.add_argument("--minutes", type=float, default=60.0, help="training budget of every row")
-    parser.add_argument("--epochs", type=int, default=500, help="upper bound; the budget ends training first")
+    parser.add_argument("--data", type=Path, default=None, help="dense folder with train/ and val/ instead of CamVid")
+    parser.add_argument("--minutes", type=float, default=60.0, help="training budget of every row; 0: --epochs only")
+    parser.add_argument("--epochs", type=int, default=500, help="upper bound; the budget usually ends training first")
+    parser.add_argument("--crop", type=int, nargs=2, default=None, help="training crop (CamVid default: 176 240)")
     parser.add_argument("--train-images", type=int, default=None, help="first N train images (default: all 367)")
     parser.add_argument("--val-images", type=int, default=None, help="first N val images (default: all 101)")
     parser.add_argument("--density", type=float, default=0.5, help="share of each region's skeleton stroked")
@@ -73,10 +77,13 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=["full", "partial_ce", "scribblesup", "regularized"])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_scribbles"))
     args = parser.parse_args()
-    if not (args.root / "train").is_dir():
-        raise SystemExit(f"CamVid not found at {args.root}; pass --root")
-
-    dense = write_half_size(args.root, args.out / "dense", args.train_images, args.val_images)
+    if args.data is not None:
+        dense, name, crop = args.data, str(args.data), args.crop
+    elif (args.root / "train").is_dir():
+        dense = write_half_size(args.root, args.out / "dense", args.train_images, args.val_images)
+        name, crop = "CamVid half size", args.crop or [176, 240]
+    else:
+        raise SystemExit(f"CamVid not found at {args.root}; pass --root or --data")
     scribbles = args.out / "scribbles"
     if not scribbles.is_dir():
         write_scribble_dataset(dense, scribbles, density=args.density, width=args.width, min_area=args.min_area)
@@ -88,8 +95,8 @@ def main() -> None:
     for row in args.rows:
         common = dict(
             out=str(args.out / row), model=args.model, model_args=json.loads(args.model_args), epochs=args.epochs,
-            max_minutes=args.minutes, batch_size=args.batch, optimizer="adamw", lr=args.lr, weight_decay=1e-4,
-            scale_range=[0.75, 1.25], crop_size=[176, 240], mean=MEAN, std=STD, val_every=1, threads=args.threads,
+            max_minutes=args.minutes or None, batch_size=args.batch, optimizer="adamw", lr=args.lr, weight_decay=1e-4,
+            scale_range=[0.75, 1.25], crop_size=crop, mean=MEAN, std=STD, val_every=1, threads=args.threads,
         )
         if row == "full":
             cfg = TrainConfig(data=str(dense), **common)
@@ -111,7 +118,8 @@ def main() -> None:
                          minutes if r + 1 == len(rounds) else None))
 
     full = next((r[3] for r in rows if r[0] == "full masks"), None)
-    print(f"CamVid half size, {args.model} {args.model_args}, {args.minutes:g} min per row, "
+    budget = f"{args.minutes:g} min per row" if args.minutes else f"{args.epochs} epochs per row"
+    print(f"{name}, {args.model} {args.model_args}, {budget}, "
           f"{len(open_scribbles(scribbles, 'train'))} train / {len(open_dataset(str(dense), 'val'))} val images\n")
     print("| rows | labelled fraction | propagated mIoU (train) | val mIoU | ratio to full | epochs | minutes |")
     print("|---|---|---|---|---|---|---|")

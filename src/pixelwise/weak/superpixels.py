@@ -28,7 +28,7 @@ class SuperpixelGraph:
     """Superpixels of one image and the graph between them.
 
     Attributes:
-        segments: (H, W) int64 superpixel id 0..S-1 of every pixel.
+        segments: (H, W) int32 superpixel id 0..S-1 of every pixel.
         colour: (S, 3 * COLOUR_BINS) colour histograms, each row summing to 1.
         texture: (S, 2 * TEXTURE_BINS) gradient histograms, each row summing to 1.
         edges: (E, 2) pairs i < j of touching superpixels.
@@ -83,7 +83,7 @@ def build_superpixel_graph(image: np.ndarray, superpixel_size: int = 100, compac
     n_segments = max(1, round(h * w / superpixel_size))
     segments = slic(rgb, n_segments=n_segments, compactness=compactness, start_label=0, enforce_connectivity=True)
     _, segments = np.unique(segments, return_inverse=True)  # ids 0..S-1 without gaps
-    segments = segments.reshape(h, w).astype(np.int64)
+    segments = segments.reshape(h, w).astype(np.int32)  # int32: graphs of a whole training set stay in memory
     count = int(segments.max()) + 1
     colour = np.concatenate([_histograms(segments, rgb[..., c], COLOUR_BINS, 0.0, 1.0 + 1e-9, count) for c in range(3)], 1) / 3
     grey = rgb.mean(2)
@@ -131,6 +131,6 @@ def scribbled_superpixels(segments: np.ndarray, scribbles: np.ndarray, num_class
             f"nor ignore_index={ignore_index}"
         )
     count = int(segments.max()) + 1
-    votes = np.bincount(segments[marked] * num_classes + scribbles[marked].astype(np.int64),
+    votes = np.bincount(segments[marked].astype(np.int64) * num_classes + scribbles[marked].astype(np.int64),
                         minlength=count * num_classes).reshape(count, num_classes)
     return np.where(votes.any(1), votes.argmax(1), -1)
