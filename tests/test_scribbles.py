@@ -92,6 +92,16 @@ def test_scribble_task_rejects_bad_options(task_args, match):
         scribble_options(task_args)
 
 
+def test_scribble_task_refuses_semantic_loss_options(shapes, tmp_path):
+    from pixelwise.training import train
+
+    cfg = _config(shapes, tmp_path, "partial_ce")
+    cfg.loss = "dice"
+    with pytest.raises(ValueError, match="picks its loss from task_args.method"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "checkpoint.safetensors").exists()
+
+
 def test_regularized_method_adds_the_crf_term_on_unnormalised_images(shapes, tmp_path):
     from pixelwise.models import create_model
     from pixelwise.tasks import get_task

@@ -6,7 +6,6 @@ import itertools
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from pixelwise.data.synthetic import make_synthetic_sample
 from pixelwise.weak import (

@@ -37,7 +37,6 @@ from pixelwise.data.datasets import (
     FolderDataset,
     SegmentationDataset,
     Transform,
-    _find_classes_file,
     open_dataset,
     write_classes_file,
 )

@@ -110,6 +110,9 @@ class ScribbleTask(SemanticTask):
 
     def setup(self, cfg: Any, train_set: Any, model: nn.Module, device: torch.device) -> None:
         self.opts = scribble_options(cfg.task_args)
+        if cfg.loss != "ce" or cfg.class_weights is not None or cfg.unet_weight_map:
+            raise ValueError("task=scribbles picks its loss from task_args.method (partial_ce, scribblesup, regularized); "
+                             "drop loss=, class_weights= and unet_weight_map=")
         self.run_dir, self.device = Path(cfg.out), device
         self.mean, self.std, self.scales = cfg.mean, cfg.std, tuple(cfg.val_scales)
         self.round_epochs = math.ceil(cfg.epochs / self.opts["rounds"])
