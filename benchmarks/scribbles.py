@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=3, help="stroke width in pixels (at half size)")
     parser.add_argument("--min-area", type=int, default=50, help="regions smaller than this get no stroke")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--superpixel-size", type=int, default=100, help="ScribbleSup: mean pixels per superpixel")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--threads", type=int, default=None)
@@ -101,7 +102,7 @@ def main() -> None:
         if row == "full":
             cfg = TrainConfig(data=str(dense), **common)
         else:
-            cfg = TrainConfig(data=str(scribbles), task="scribbles", task_args={"method": row, "rounds": args.rounds}, **common)
+            cfg = TrainConfig(data=str(scribbles), task="scribbles", task_args={"method": row, "rounds": args.rounds, "superpixel_size": args.superpixel_size}, **common)
         started = time.monotonic()
         history = train(cfg, progress=False)["history"]
         minutes = (time.monotonic() - started) / 60
