@@ -280,3 +280,9 @@ def test_regularized_loss_is_partial_ce_plus_weighted_regularizer_and_prefers_ed
         assert loss(logits, target, image).item() == pytest.approx(
             ce(logits, target).item() + 0.7 * loss.regularizer(logits, image).item())
     assert loss.regularizer(aligned, image) < 0.1 * loss.regularizer(across, image)
+    # The regulariser is the windowed energy over the spatial kernel's mass in the 5 x 5 window (centre left out).
+    from pixelwise.weak.regularized import windowed_crf_energy
+
+    mass = sum(np.exp(-(dy * dy + dx * dx) / 8) for dy in range(-2, 3) for dx in range(-2, 3)) - 1
+    energy = windowed_crf_energy(across.softmax(1), image, 2, 2.0, 0.1).mean().item()
+    assert loss.regularizer(across, image).item() == pytest.approx(energy / mass)

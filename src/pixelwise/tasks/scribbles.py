@@ -55,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "superpixel_size": 100,
     "pairwise_weight": 10.0,
     # regularized loss
-    "reg_weight": 0.5,
+    "reg_weight": 1.0,
     "reg_scale": 0.5,
     "reg_radius": 5,
     "reg_sigma_xy": 3.0,
