@@ -4,9 +4,9 @@ Per training image, superpixel labels Y minimise
     sum_i psi_scr(y_i) + sum_i -log P(y_i | X, Theta) + lambda sum_ij w_ij [y_i != y_j]
 psi_scr: a superpixel crossed by a scribble of class c must take c (0 for c, inf otherwise);
 -log P: the network's softmax averaged over the superpixel; in the first round, before any
-network exists, appearance models built from the scribbled superpixels stand in (Sec. 3.2:
-"the network-based unary is absent" there; we use histogram appearance instead so unmarked
-superpixels still see evidence). Solved by alpha-expansion (:mod:`pixelwise.weak.graphcut`);
+network is trained, appearance models built from the scribbled superpixels' histograms
+stand in (our choice, as the issue asks, so that unmarked superpixels still see
+evidence). Solved by alpha-expansion (:mod:`pixelwise.weak.graphcut`);
 the network is then trained with cross-entropy on the propagated labels and the two steps
 alternate (three rounds in the paper).
 """
