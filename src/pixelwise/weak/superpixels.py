@@ -2,9 +2,10 @@
 
 Nodes are superpixels, edges join superpixels that touch (4-neighbourhood). Each node
 carries a colour histogram (per RGB channel) and a texture histogram (of the horizontal
-and vertical grey-level gradients); ScribbleSup uses 25 colour bins per channel and 10
-gradient bins per orientation, each histogram normalised, and weighs an edge by a Gaussian
-of the two histogram distances, w_ij = exp(-|hc_i - hc_j|^2 / dc^2 - |ht_i - ht_j|^2 / dt^2).
+and vertical grey-level gradients): 25 colour bins per channel and 10 gradient bins per
+orientation, each histogram normalised (the counts ScribbleSup gives as we recall them; the
+paper's text was not at hand to check), and an edge weighs a Gaussian of the two histogram
+distances, w_ij = exp(-|hc_i - hc_j|^2 / dc^2 - |ht_i - ht_j|^2 / dt^2).
 The paper's fixed bandwidths depend on its histogram scaling; here dc^2 and dt^2 are the
 mean squared distances over the image's edges (the contrast-adaptive choice of GrabCut,
 Rother et al., SIGGRAPH 2004), so an average edge gets weight exp(-2) whatever the image.
