@@ -197,11 +197,20 @@ def check_data(
     data: Annotated[str, typer.Argument(help="Data set: camvid:PATH, isbi2012:PATH, voc:PATH, cityscapes:PATH or a folder.")],
     split: Annotated[Optional[str], typer.Option(help="Split to check (default: train and val).")] = None,
 ) -> None:
-    """Report class histogram, image sizes and every bad image/mask pair; exit 2 if any is bad."""
+    """Report class histogram, image sizes and every bad image/mask pair; exit 2 if any is bad.
+
+    A scribble folder (SPLIT/scribbles/, see pixelwise.data.scribbles) gets the labelled
+    fraction per image and per class instead."""
     from pixelwise.data import check_dataset, open_dataset
+    from pixelwise.data.scribbles import check_scribbles, is_scribble_folder, open_scribbles
+
+    def check(name: str):
+        if is_scribble_folder(data, name):
+            return check_scribbles(open_scribbles(data, name))
+        return check_dataset(open_dataset(data, name))
 
     splits = [split] if split else ["train", "val"]
-    reports = [check_dataset(open_dataset(data, name)) for name in splits]
+    reports = [check(name) for name in splits]
     for name, report in zip(splits, reports):
         console.print(f"\n[bold]split {name}[/bold]")
         console.print(report.format(), markup=False, soft_wrap=True)

@@ -46,7 +46,8 @@ class TrainConfig:
     ``data`` is a dataset spec for :func:`pixelwise.data.open_dataset` (``camvid:PATH``,
     ``isbi2012:PATH``, ``voc:PATH``, ``cityscapes:PATH`` or a folder). ``task`` names a
     :mod:`pixelwise.tasks` entry: ``semantic``, or ``edges`` to train an edge detector (HED)
-    on the class boundaries of the label maps.
+    on the class boundaries of the label maps; ``task_args`` are that task's own options
+    (e.g. ``task=scribbles task_args.method=scribblesup task_args.rounds=3``).
     ``val_scales`` are the test-time scales of validation (e.g. ``[0.5]`` for a model
     trained on half-size crops); ``max_minutes`` fits the poly schedule after every epoch
     so that training ends within the budget. ``val_fraction`` is the share of a plain
@@ -58,6 +59,7 @@ class TrainConfig:
     model: str = "unet"
     model_args: dict[str, Any] = field(default_factory=dict)
     task: str = "semantic"
+    task_args: dict[str, Any] = field(default_factory=dict)
     train_split: str = "train"
     val_split: str = "val"
     epochs: int = 10
