@@ -124,8 +124,7 @@ def test_regularized_method_adds_the_crf_term_on_unnormalised_images(shapes, tmp
 
 def test_scribblesup_rounds_propagate_score_and_report(shapes, tmp_path):
     from pixelwise.metrics import ConfusionMatrix
-    from pixelwise.report import write_run_report
-    from pixelwise.training import train
+    from pixelwise.training import train, write_run_report
     from pixelwise.weak import build_superpixel_graph, propagate_labels
 
     cfg = _config(shapes, tmp_path / "run", "scribblesup", rounds=2, superpixel_size=30, density=0.5)
