@@ -121,21 +121,21 @@ def export(
 
 @app.command()
 def models() -> None:
-    """List the registered models with their parameter counts (21 classes, default options)."""
+    """List the registered models (2D or 3D input) with their parameter counts (21 classes, default options)."""
     import torch
     from rich.table import Table
 
-    from pixelwise.models import create_model, list_models
+    from pixelwise.models import create_model, list_models, spatial_dims
     from pixelwise.models.registry import MODELS
 
-    table = Table("name", "parameters", "trainable", "description")
+    table = Table("name", "input", "parameters", "trainable", "description")
     for name in list_models():
         with torch.device("meta"):
             net = create_model(name, num_classes=21)
         count = sum(p.numel() for p in net.parameters())
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         doc = (MODELS[name].__doc__ or "").strip().splitlines()
-        table.add_row(name, f"{count:,}", f"{trainable:,}", doc[0] if doc else "")
+        table.add_row(name, f"{spatial_dims(name)}D", f"{count:,}", f"{trainable:,}", doc[0] if doc else "")
     console.print(table)
 
 

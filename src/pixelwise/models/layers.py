@@ -99,3 +99,32 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """
     h, w = x.shape[-2:]
     return mirror_pad(x, 0, -h % multiple, 0, -w % multiple)
+
+
+def reflect_index(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Map integer positions (any, even far outside ``[0, size)``) to mirrored positions inside it.
+
+    Mirrors without repeating the edge (numpy's ``reflect``), repeatedly for positions
+    more than one image length outside; a size-1 axis maps everything to 0.
+    Example: size 3, positions -4..6 -> 0 1 2 1 0 1 2 1 0 1 2.
+    """
+    if size == 1:
+        return torch.zeros_like(index)
+    period = 2 * (size - 1)
+    index = index.remainder(period)
+    return torch.where(index >= size, period - index, index)
+
+
+def mirror_pad_nd(x: torch.Tensor, pads: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Reflect-pad the last ``len(pads)`` axes of ``x`` by ``(before, after)`` each (see :func:`reflect_index`).
+
+    Pads may exceed the axis length; the reflection then repeats. (N, C, D, H, W) with
+    ``pads = [(0, 1), (2, 2), (0, 0)]`` -> (N, C, D + 1, H + 4, W).
+    """
+    first = x.ndim - len(pads)
+    for axis, (before, after) in enumerate(pads, start=first):
+        if before or after:
+            size = x.shape[axis]
+            index = reflect_index(torch.arange(-before, size + after, device=x.device), size)
+            x = x.index_select(axis, index)
+    return x
