@@ -70,11 +70,14 @@ def crop_to(x: torch.Tensor, height: int, width: int, top: int | None = None, le
     return x[..., top : top + height, left : left + width]
 
 
-def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Bilinear resize of (N, C, h, w) to (N, C, *size) (align_corners=False); no-op if equal."""
-    if tuple(x.shape[-2:]) == tuple(size):
+def resize_to(x: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Bilinear resize of (N, C, h, w) to (N, C, *size) (align_corners=False); no-op if equal.
+
+    A volume (N, C, d, h, w) is resized trilinearly to (N, C, *size).
+    """
+    if tuple(x.shape[2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=tuple(size), mode="bilinear" if x.ndim == 4 else "trilinear", align_corners=False)
 
 
 def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
