@@ -89,9 +89,25 @@ def predict(
     crf: Crf = None,
     runtime: Annotated[str, typer.Option(help="torch, compile (torch.compile) or onnx (ONNX Runtime; needs --tile).")] = "torch",
 ) -> None:
-    """Segment images of any size; writes NAME_labels.png, NAME_colour.png and NAME_overlay.png."""
+    """Segment images of any size; writes NAME_labels.png, NAME_colour.png and NAME_overlay.png.
+
+    Volumes (.tif/.tiff stacks, .nii/.nii.gz) with a 3D model: writes NAME_labels.<same suffix>
+    with the input's spacing / affine (--tile in voxels per side).
+    """
+    from pixelwise.data.volumes import is_volume_file
     from pixelwise.inference import predict_files
 
+    is_volume = [is_volume_file(p) for p in images]
+    if any(is_volume):
+        if not all(is_volume):
+            raise ValueError("pass either images or volumes (TIFF stacks, NIfTI) to one predict call, not both")
+        if _scales(scales) != (1.0,) or crf is not None or runtime != "torch":
+            raise ValueError("volumes are predicted at scale 1 with the torch runtime and no CRF; drop --scales/--crf/--runtime")
+        from pixelwise.tasks.volume import predict_volume_files
+
+        written = predict_volume_files(images, model, out, tile=tile, overlap=overlap, flip=flip)
+        console.print(f"wrote {len(written)} label volumes to {out}")
+        return
     written = predict_files(
         images, model, out, tile=tile, overlap=overlap, scales=_scales(scales), flip=flip, crf=crf, runtime=runtime,
         progress=True,

@@ -54,6 +54,23 @@ def volume_suffix(path: str | Path) -> str | None:
     return next((s for s in sorted(VOLUME_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
 
 
+def is_volume_file(path: str | Path) -> bool:
+    """NIfTI files, and TIFF files of more than one page (stacks); a single-page TIFF is an image."""
+    path = Path(path)
+    suffix = volume_suffix(path)
+    if suffix is None or not path.is_file():
+        return suffix is not None and suffix.startswith(".nii")
+    if suffix.startswith(".nii"):
+        return True
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return len(tif.pages) > 1
+    except Exception:  # not a readable TIFF: let the image reader report it
+        return False
+
+
 def _stem(path: Path) -> str:
     suffix = volume_suffix(path) or path.suffix
     return path.name[: len(path.name) - len(suffix)]
