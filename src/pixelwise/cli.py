@@ -1,4 +1,4 @@
-"""``pixelwise train | eval | predict | export | models | check-data | demo``: a thin skin over the API.
+"""``pixelwise train | eval | predict | export | models | pockets | check-data | demo``: a thin skin over the API.
 
 Every user mistake surfaces as one line ``error: ...`` on stderr and exit code 2.
 """
@@ -152,6 +152,24 @@ def models() -> None:
         doc = (MODELS[name].__doc__ or "").strip().splitlines()
         table.add_row(name, f"{spatial_dims(name)}D", f"{count:,}", f"{trainable:,}", doc[0] if doc else "")
     console.print(table)
+
+
+@app.command()
+def pockets(
+    structure: Annotated[Path, typer.Argument(help="Protein structure (.pdb or .cif).")],
+    model: Annotated[Path, typer.Option(help="3D pocket model (8 atom-type channels in, 2 classes) written by training.")],
+    out: Annotated[Path, typer.Option(help="Folder for STEM_pockets.pdb (pseudo-atoms) and STEM_pockets.json.")] = Path("runs/pockets"),
+    tile: Annotated[Optional[int], typer.Option(help="Tile side in voxels (1 Å) for large proteins; 0 runs whole.")] = 64,
+    threshold: Annotated[float, typer.Option(help="Pocket probability threshold.")] = 0.5,
+) -> None:
+    """Find binding pockets: voxelise, segment with a 3D model, write ranked pockets as PDB pseudo-atoms."""
+    from pixelwise.pockets.detect import find_pockets_file
+
+    found, pdb = find_pockets_file(structure, model, out, tile=tile or None, threshold=threshold)
+    for p in found[:10]:
+        x, y, z = p.centre
+        console.print(f"pocket {p.rank}: centre ({x:.1f}, {y:.1f}, {z:.1f}) Å, volume {p.volume:.0f} Å³, score {p.score:.1f}")
+    console.print(f"wrote {len(found)} pockets to {pdb}")
 
 
 @app.command("check-data")

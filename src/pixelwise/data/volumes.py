@@ -407,13 +407,41 @@ def volume_folder(root: str | Path, transform: VolumeTransform | None = None, nu
     return VolumeDataset(images, labels, spacings, [f"class_{i}" for i in range(k)], voc_colormap(k), 255, transform, names)
 
 
+def pocket_volumes(root: str | Path, transform: VolumeTransform | None = None) -> VolumeDataset:
+    """Protein structures (``*.pdb``, ``*.cif``, ``*.ent``) in ``root`` as volumes for pocket segmentation:
+    image = the 8 atom-type channels on a 1 Å grid, labels = voxels within 4 Å of the bound ligand
+    (:mod:`pixelwise.pockets`)."""
+    from pixelwise.pockets import pocket_labels, read_structure, voxelise
+
+    files = sorted(p for p in Path(root).iterdir() if p.suffix.lower() in (".pdb", ".cif", ".ent"))
+    if not files:
+        raise ValueError(f"no structure files (.pdb, .cif, .ent) in {root}")
+    images, labels = [], []
+    for path in files:
+        structure = read_structure(path)
+        if len(structure.ligand) == 0:
+            raise ValueError(f"structure {path} has no ligand to label a pocket with; remove it or add the ligand")
+        features, grid = voxelise(structure)
+        images.append(features)
+        labels.append(pocket_labels(grid, structure.ligand))
+    return VolumeDataset(images, labels, [(1.0, 1.0, 1.0)] * len(files), ["background", "pocket"],
+                         [(0, 0, 0), (255, 0, 0)], 255, transform, [p.stem for p in files])
+
+
 def open_volume_dataset(spec: str | Path, split: str, transform: VolumeTransform | None = None) -> VolumeDataset:
-    """``isbi2012:PATH`` (one stack, last 5 sections = val) or a folder of volumes: ``PATH/split``
-    when it has ``train/`` and ``val/`` sub-folders, else ``PATH`` itself for every split."""
+    """``isbi2012:PATH`` (one stack, last 5 sections = val), ``pockets:PATH`` (protein structures,
+    :func:`pocket_volumes`) or a folder of volumes; a folder with ``train/`` and ``val/``
+    sub-folders opens ``PATH/split``, else ``PATH`` itself serves every split."""
     text = str(spec)
     prefix, sep, rest = text.partition(":")
     if sep and prefix.lower() == "isbi2012":
         return isbi2012_volume(rest, split, transform)
+    if sep and prefix.lower() == "pockets":
+        root = Path(rest)
+        split_dir = root / split if (root / "train").is_dir() and (root / "val").is_dir() else root
+        if not split_dir.is_dir():
+            raise ValueError(f"pocket structures folder {split_dir} does not exist")
+        return pocket_volumes(split_dir, transform)
     root = Path(text)
     if not root.is_dir():
         raise ValueError(f"volume data set {text!r} does not exist; use isbi2012:PATH or a folder with images/ and labels/")
