@@ -1,5 +1,8 @@
 """Prediction on images of any size: sliding window / overlap-tile, strip-wise labels, TTA.
 
+Images (N, C, H, W) and volumes (N, C, D, H, W) share one N-D tiling: a run is 3D when
+``tile`` has three sides or the model has ``spatial_dims = 3`` (the 3D U-Net).
+
 All entry points return probabilities, not logits: softmax over the K channels, or a
 sigmoid when the model has a single output channel (K == 1, binary / edge models).
 Put the model in eval mode (``model.eval()``) and on the image's device before calling;
@@ -12,7 +15,8 @@ Two kinds of model are supported:
   (B, K, h, w) logits.
 - valid-convolution models (the original U-Net, 572x572 in -> 388x388 out): a model
   with an integer attribute ``valid_margin`` (pixels lost on each side, 92 for the
-  original U-Net) and a method ``forward_valid(x)`` is run through ``forward_valid``; an
+  original U-Net; or one int per spatial axis, e.g. (14, 44, 44) for the anisotropic
+  3D U-Net) and a method ``forward_valid(x)`` is run through ``forward_valid``; an
   input tile of size ``tile`` yields an output of size ``tile - 2 * valid_margin`` that
   is placed at the tile's centre, and the image is mirror-padded by the margin (the
   overlap-tile strategy of the U-Net paper). ``tile`` is always the model's input size.

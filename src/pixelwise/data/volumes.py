@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pixelwise.data.transforms import to_float
+from pixelwise.data.transforms import reseed_in_worker, to_float
 from pixelwise.io import atomic_write
 
 VOLUME_SUFFIXES = (".tif", ".tiff", ".nii", ".nii.gz")
@@ -258,6 +258,7 @@ class VolumeTransform:
     def __call__(
         self, image: np.ndarray, labels: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        reseed_in_worker(self)
         image, labels = self._crop(image, labels)
         if self.flip:
             for axis in range(3):
