@@ -40,8 +40,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.safetensors.")] = False,
 ) -> None:
     """Train a model; writes checkpoints, metrics.json, curves, confusion matrix and overlays."""
-    from pixelwise.report import write_run_report
-    from pixelwise.training import load_config, train as run_training
+    from pixelwise.training import load_config, train as run_training, write_run_report
 
     cfg = load_config(config, overrides or [])
     result = run_training(cfg, resume=resume)
@@ -194,8 +193,7 @@ def demo(
 ) -> None:
     """Train a small U-Net on built-in synthetic shapes (about a minute), evaluate, write a report."""
     from pixelwise.data.synthetic import write_synthetic_dataset
-    from pixelwise.report import write_run_report
-    from pixelwise.training import TrainConfig, train as run_training
+    from pixelwise.training import TrainConfig, train as run_training, write_run_report
 
     if data is None:
         data = str(write_synthetic_dataset(out / "data", n_train=120, n_val=30))

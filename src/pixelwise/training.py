@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pixelwise.io import atomic_write, atomic_write_text
-from pixelwise.models import create_model, save_model
+from pixelwise.models import create_model, load_model, save_model
 from pixelwise.models.registry import get_builder
+from pixelwise.report import plot_history
 from pixelwise.tasks import Task, get_task
 
 
@@ -341,3 +343,31 @@ def _train_one_epoch(
             count += len(batch[0])
             bar.update(bar_task, advance=1, description=f"epoch {epoch}/{total_epochs} loss {total / count:.4f}")
     return total / max(count, 1)
+
+
+def write_run_report(run_dir: str | Path, cfg: TrainConfig, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Report of a training run: ``history.png``, then the best model evaluated on the validation split.
+
+    Loads ``run_dir/model_best.safetensors``, evaluates it on ``cfg.val_split`` of ``cfg.data``
+    (GPU when available) with the run's task and writes the task's report into ``run_dir``
+    (for the semantic task the files of :func:`pixelwise.report.write_eval_report`).
+
+    Args:
+        run_dir: The run folder written by :func:`pixelwise.training.train`.
+        cfg: The run's :class:`TrainConfig` (``data``, ``val_split``,
+            ``task``, ``mean``, ``std`` are used).
+        history: Per-epoch records (see :func:`pixelwise.report.plot_history`).
+
+    Returns:
+        The validation metrics.
+    """
+    run_dir = Path(run_dir)
+    plot_history(run_dir / "history.png", history)
+    model, extra = load_model(run_dir / "model_best.safetensors")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    task = get_task(cfg.task)
+    dataset = task.open_eval(cfg.data, cfg.val_split, {**extra, "mean": cfg.mean, "std": cfg.std})
+    result = task.evaluate(
+        model.to(device), dataset, device=device, scales=tuple(cfg.val_scales), mean=cfg.mean, std=cfg.std, keep_samples=4,
+    )
+    return task.write_report(run_dir, result, dataset)
