@@ -14,9 +14,8 @@ from typer.testing import CliRunner
 
 from pixelwise.cli import app
 from pixelwise.data.volumes import read_volume
-from pixelwise.report import write_run_report
 from pixelwise.tasks.volume import orthogonal_slices
-from pixelwise.training import TrainConfig, train
+from pixelwise.training import TrainConfig, train, write_run_report
 
 
 def _blobs(seed: int, shape=(12, 20, 20)) -> tuple[np.ndarray, np.ndarray]:
