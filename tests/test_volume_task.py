@@ -55,7 +55,7 @@ def test_orthogonal_slices_cut_through_the_centre_in_true_proportions():
 def test_train_report_and_predict_a_volume_end_to_end(volume_data, tmp_path):
     cfg = TrainConfig(
         data=str(volume_data), out=str(tmp_path / "run"), task="volume", model="unet3d",
-        model_args={"base_channels": 4, "depth": 2}, crop_size=[8, 16, 16], epochs=10, batch_size=2,
+        model_args={"base_channels": 4, "depth": 1}, crop_size=[8, 16, 16], epochs=8, batch_size=2,
         optimizer="adamw", lr=0.02, weight_decay=0.0, color_jitter=0.05, threads=1,
     )
     result = train(cfg, progress=False)
