@@ -56,6 +56,11 @@ def test_structure_separates_protein_ligand_and_water(tiny_pdb):
     assert read_structure(tiny_pdb, ligand="so4").ligand.tolist() == [[-3.0, 0.0, 0.0]]
     with pytest.raises(ValueError, match="LIG, SO4"):
         read_structure(tiny_pdb, ligand="ATP")
+    st = gemmi.read_structure(str(tiny_pdb))
+    st.setup_entities()
+    st.make_mmcif_document().write_file(str(tiny_pdb.with_suffix(".cif")))
+    from_cif = read_structure(tiny_pdb.with_suffix(".cif"))
+    assert np.array_equal(from_cif.protein, s.protein) and np.array_equal(from_cif.ligand, s.ligand)
 
 
 def test_atom_types_by_hand(tiny_pdb):

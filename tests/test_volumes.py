@@ -59,6 +59,9 @@ def test_bad_volume_files_raise_clear_errors(tmp_path):
         read_volume(tmp_path / "x.png")
     with pytest.raises(ValueError, match="does not exist"):
         read_volume(tmp_path / "x.nii.gz")
+    (tmp_path / "broken.tif").write_bytes(b"not a tiff")
+    with pytest.raises(ValueError, match="cannot read TIFF stack"):
+        read_volume(tmp_path / "broken.tif")
     volume = read_volume_from(tmp_path)
     with pytest.raises(ValueError, match="do not match"):
         write_volume(tmp_path / "y.tif", np.zeros((1, 1, 1)), like=volume)

@@ -104,16 +104,19 @@ def read_volume(path: str | Path) -> Volume:
         return Volume(np.ascontiguousarray(data), tuple(float(z) for z in zooms[::-1]), image.affine, image.header)
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
-        data = tif.asarray()
-        meta = tif.imagej_metadata or {}
-        page = tif.pages[0]
-        axes = tif.series[0].axes
-        spacing_hw = []
-        for tag in ("YResolution", "XResolution"):
-            value = page.tags.get(tag)
-            num, den = value.value if value is not None else (1, 1)
-            spacing_hw.append(den / num if num else 1.0)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            data = tif.asarray()
+            meta = tif.imagej_metadata or {}
+            page = tif.pages[0]
+            axes = tif.series[0].axes
+            spacing_hw = []
+            for tag in ("YResolution", "XResolution"):
+                value = page.tags.get(tag)
+                num, den = value.value if value is not None else (1, 1)
+                spacing_hw.append(den / num if num else 1.0)
+    except (tifffile.TiffFileError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read TIFF stack {path}: {err}") from err
     if "C" in axes and data.ndim == 4:
         data = np.moveaxis(data, axes.index("C"), -1)
     if data.ndim == 2:

@@ -2,7 +2,9 @@
 
 What differs from the semantic task: volume data sets (:mod:`pixelwise.data.volumes`),
 3D augmentation from the config's ``crop_size`` (three sides), ``hflip`` (flips and
-isotropic-plane rotations), ``color_jitter`` (intensity) and ``elastic``; the report draws
+isotropic-plane rotations), ``color_jitter`` (intensity) and ``elastic`` (``scale_range``,
+``mean`` and ``std`` do not apply: volumes are read as uint8 / 255, uint16 / 65535 or their
+stored numbers, see :func:`pixelwise.data.volumes.volume_to_float`); the report draws
 orthogonal slices. Loss and metrics are the semantic task's (cross-entropy / Dice etc. and
 one confusion matrix over voxels), model selection by mean Dice.
 """
