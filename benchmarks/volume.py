@@ -44,7 +44,8 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
     started = time.monotonic()
     train(cfg, progress=False)
     train_minutes = (time.monotonic() - started) / 60
-    model, extra = load_model(Path(cfg.out) / "model_best.safetensors")
+    # The weights at the end of the budget (validation during training is off: val_every is large).
+    model, extra = load_model(Path(cfg.out) / "model_last.safetensors")
     task = get_task(cfg.task)
     dataset = task.open_eval(cfg.data, "val", extra)
     started = time.monotonic()
