@@ -182,3 +182,16 @@ def test_volume_dice_and_iou_by_hand():
     per_class = cm.compute()["per_class"]
     assert per_class[1]["dice"] == pytest.approx(2 * 3 / (4 + 4)) and per_class[1]["iou"] == pytest.approx(3 / 5)
     assert per_class[0]["dice"] == pytest.approx(2 * 3 / (4 + 4)) and per_class[0]["iou"] == pytest.approx(3 / 5)
+
+
+@pytest.mark.parametrize("name", ["ce", "dice", "focal", "lovasz"])
+def test_losses_on_a_volume_equal_the_same_voxels_laid_out_as_an_image(name):
+    from pixelwise.losses import build_loss
+
+    rng = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, 6, generator=rng)
+    target = torch.randint(0, 3, (2, 4, 5, 6), generator=rng)
+    target[1, 2] = 255
+    loss = build_loss(name, ignore_index=255)
+    flat = loss(logits.reshape(2, 3, 20, 6), target.reshape(2, 20, 6))
+    torch.testing.assert_close(loss(logits, target), flat)
