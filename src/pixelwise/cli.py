@@ -1,10 +1,11 @@
-"""``pixelwise train | eval | predict | export | models | pockets | check-data | demo``: a thin skin over the API.
+"""``pixelwise train | eval | predict | export | models | pockets | check-data | demo | serve``: a thin skin over the API.
 
 Every user mistake surfaces as one line ``error: ...`` on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,7 +79,7 @@ def evaluate_cmd(
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files to segment.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files, or folders of images, to segment.")],
     model: Annotated[Path, typer.Option(help="Model file written by training (model_best.safetensors).")],
     out: Annotated[Path, typer.Option(help="Folder for label PNGs, colour masks and overlays.")] = Path("runs/predict"),
     tile: Tile = None,
@@ -87,31 +88,36 @@ def predict(
     flip: Flip = False,
     crf: Crf = None,
     runtime: Annotated[str, typer.Option(help="torch, compile (torch.compile) or onnx (ONNX Runtime; needs --tile).")] = "torch",
+    resume: Annotated[bool, typer.Option(help="Skip images whose three outputs are already in OUT (continue an interrupted batch).")] = False,
 ) -> None:
     """Segment images of any size; writes NAME_labels.png, NAME_colour.png and NAME_overlay.png.
 
+    Under torchrun (--nproc_per_node=N, and its multi-machine options) each rank predicts its own share.
     Volumes (.tif/.tiff stacks, .nii/.nii.gz) with a 3D model: writes NAME_labels.<same suffix>
     with the input's spacing / affine (--tile in voxels per side).
     """
     from pixelwise.data.volumes import is_volume_file
-    from pixelwise.inference import predict_files
+    from pixelwise.inference import predict_files, shard_images
 
     is_volume = [is_volume_file(p) for p in images]
     if any(is_volume):
         if not all(is_volume):
             raise ValueError("pass either images or volumes (TIFF stacks, NIfTI) to one predict call, not both")
-        if _scales(scales) != (1.0,) or crf is not None or runtime != "torch":
-            raise ValueError("volumes are predicted at scale 1 with the torch runtime and no CRF; drop --scales/--crf/--runtime")
+        if _scales(scales) != (1.0,) or crf is not None or runtime != "torch" or resume:
+            raise ValueError("volumes are predicted at scale 1 with the torch runtime, no CRF and no --resume; drop those options")
         from pixelwise.tasks.volume import predict_volume_files
 
         written = predict_volume_files(images, model, out, tile=tile, overlap=overlap, flip=flip)
         console.print(f"wrote {len(written)} label volumes to {out}")
         return
+    mine = shard_images(images)
     written = predict_files(
-        images, model, out, tile=tile, overlap=overlap, scales=_scales(scales), flip=flip, crf=crf, runtime=runtime,
-        progress=True,
+        mine, model, out, tile=tile, overlap=overlap, scales=_scales(scales), flip=flip, crf=crf, runtime=runtime,
+        progress=True, skip_existing=resume,
     )
-    console.print(f"wrote {len(written)} predictions to {out}")
+    rank = f"rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']}: " if "WORLD_SIZE" in os.environ else ""
+    skipped = f", skipped {len(mine) - len(written)} already there" if resume else ""
+    console.print(f"{rank}wrote {len(written)} predictions to {out}{skipped}")
 
 
 @app.command()
@@ -207,6 +213,30 @@ def demo(
     metrics = write_run_report(result["run_dir"], cfg, result["history"])
     _print_summary(metrics, out)
     console.print(f"demo finished in {time.monotonic() - started:.0f} s; validation mIoU {metrics['mean_iou']:.3f}")
+
+
+@app.command()
+def serve(
+    model: Annotated[list[str], typer.Option(help="Model file (model_best.safetensors), served under its run folder's name, or NAME=PATH; repeat for more.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps the server private to this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body in MB (413 beyond).")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(help="Largest image, height x width (413 beyond).")] = 16_000_000,
+    max_jobs: Annotated[int, typer.Option(help="Images held at once, running or queued (503 + Retry-After beyond).")] = 4,
+    workers: Annotated[int, typer.Option(help="Inference threads.")] = 1,
+    timeout: Annotated[float, typer.Option(help="Seconds a request waits for its prediction (504 beyond).")] = 120.0,
+) -> None:
+    """Serve models over HTTP: a web page at /, the REST API under /v1 (documented at /docs)."""
+    import uvicorn
+
+    from pixelwise.serve import ServeLimits, create_app
+
+    limits = ServeLimits(max_upload_mb=max_upload_mb, max_pixels=max_pixels, max_jobs=max_jobs, workers=workers,
+                         timeout_s=timeout)
+    server = create_app(model, limits)
+    console.print(f"serving {', '.join(server.state.models)} on http://{host}:{port} (API docs at /docs)")
+    # Connections beyond the job queue's size only wait for a 503, so a few dozen suffice.
+    uvicorn.run(server, host=host, port=port, limit_concurrency=4 * max_jobs + 16, log_level="warning")
 
 
 def _print_summary(metrics: dict, run_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -219,21 +220,16 @@ def read_mask(
     return array.astype(np.int64)
 
 
-def write_mask(
-    path: str | Path, labels: np.ndarray, palette: Sequence[Sequence[int]] | None = None
-) -> Path:
-    """Write a label map as an 8-bit PNG, atomically.
+def encode_mask(labels: np.ndarray, palette: Sequence[Sequence[int]] | None = None, name: str = "labels") -> bytes:
+    """A label map as 8-bit PNG bytes (what :func:`write_mask` writes; ``name`` appears in errors).
 
     With ``palette`` the PNG is indexed (mode "P", viewers show class colours and
     :func:`read_mask` returns the ids); without it, a grey PNG whose values are the ids.
 
     Args:
-        path: Output ``.png`` file.
         labels: (H, W) integer class ids in 0..255.
         palette: RGB colour per id (at most 256); unlisted ids are black.
-
-    Returns:
-        The written path.
+        name: What the labels are, for error messages (e.g. the output path).
     """
     labels = np.asarray(labels)
     if labels.ndim != 2 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
@@ -242,7 +238,7 @@ def write_mask(
         )
     if labels.size and (labels.min() < 0 or labels.max() > 255):
         raise ValueError(
-            f"labels to write to {path} range {labels.min()}..{labels.max()}; an 8-bit PNG mask holds "
+            f"labels to write to {name} range {labels.min()}..{labels.max()}; an 8-bit PNG mask holds "
             "0..255 only: remap the ids (e.g. ignore -> 255)"
         )
     image = Image.fromarray(labels.astype(np.uint8))
@@ -251,4 +247,14 @@ def write_mask(
             raise ValueError(f"palette has {len(palette)} colours; a PNG palette holds at most 256")
         flat = [int(v) for colour in palette for v in colour[:3]]
         image.putpalette(flat + [0] * (768 - len(flat)))  # turns the "L" image into "P", values kept
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_mask(
+    path: str | Path, labels: np.ndarray, palette: Sequence[Sequence[int]] | None = None
+) -> Path:
+    """Write a label map as an 8-bit PNG (:func:`encode_mask`), atomically; returns ``path``."""
+    data = encode_mask(labels, palette, name=str(path))
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
