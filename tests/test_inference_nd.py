@@ -132,3 +132,19 @@ def test_volume_shape_errors_name_the_expected_layout():
         sliding_window(Pointwise3d(), torch.randn(1, 2, 5, 6, 7, dtype=torch.float64), tile=(4, 4, 4, 4))
     with pytest.raises(ValueError, match=r"valid_margin = \(2, 4, 4\)"):
         sliding_window(ValidMean((1, 2, 2)), torch.randn(1, 1, 5, 6, 7), tile=(4, 4, 4))
+
+
+def test_valid_3d_unet_tiled_on_its_stride_equals_one_whole_pass():
+    """Anisotropic valid 3D U-Net (margins (6, 8, 8) at depth 1): windows at even offsets, so every
+    tile sees the pooling phase of one whole-volume pass of the mirror-padded volume."""
+    from pixelwise.models import create_model
+    from pixelwise.models.layers import mirror_pad_nd
+
+    torch.manual_seed(0)
+    model = create_model("unet3d_original", num_classes=3, in_channels=1, base_channels=2, depth=1, anisotropic=True).eval()
+    assert model.valid_margin == (6, 8, 8)
+    volume = torch.randn(1, 1, 6, 20, 20, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        whole = model.forward_valid(mirror_pad_nd(volume, [(6, 6), (8, 8), (8, 8)])).softmax(1)
+    tiled = sliding_window(model, volume, tile=(14, 26, 26), overlap=0.0)  # outputs 2 x 10 x 10, starts 0/10
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-6)
