@@ -514,6 +514,23 @@ def _whole_image(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Ten
     return _probabilities(_checked(logits, image, tuple(image.shape[2:]), "the model"))
 
 
+def _exported_predictor(
+    path: Path, runtime: str, tile: int | None
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict, tuple[int, int]]:
+    """An ``.onnx`` file from ``pixelwise export``: (predictor, saved extra, its tile size)."""
+    from pixelwise.export import OnnxPredictor
+
+    if runtime != "onnx":
+        raise ValueError(f"{path} is an exported ONNX model: run it with --runtime onnx (got --runtime {runtime})")
+    predictor = OnnxPredictor(path)
+    size = (predictor.height, predictor.width)
+    if None in size:
+        raise ValueError(f"{path} has a symbolic input size; export it for a fixed size with pixelwise export")
+    if tile is not None and (tile, tile) != size:
+        raise ValueError(f"{path} was exported for {size[0]}x{size[1]} tiles; drop --tile or export again at --tile {tile}")
+    return predictor, predictor.extra, size
+
+
 # ---------------------------------------------------------------------------------------
 # Files in, files out (the CLI's `predict`)
 # ---------------------------------------------------------------------------------------
@@ -600,6 +617,10 @@ def predict_files(
 ) -> list[Path]:
     """Segment image files with a saved model; returns the label PNGs written.
 
+    ``model_path`` is a ``.safetensors`` file from training, or an ``.onnx`` file from
+    ``pixelwise export`` (fp32 or ``--int8``) run with ``runtime="onnx"`` in tiles of its
+    exported size; its metadata holds the class names, palette and normalisation.
+
     For each ``NAME.ext`` writes into ``out``: ``NAME_labels.png`` (class ids, palette
     attached), ``NAME_colour.png`` (class colours) and ``NAME_overlay.png`` (colours
     over the image). ``runtime`` is ``"torch"``, ``"compile"`` or ``"onnx"``
@@ -613,7 +634,7 @@ def predict_files(
 
     from pixelwise.data.transforms import ToTensor
     from pixelwise.export import prepare_for_cpu
-    from pixelwise.io import atomic_write, read_image, write_mask
+    from pixelwise.io import atomic_write, check_output_folder, read_image, write_mask
     from pixelwise.models import load_model
     from pixelwise.report import colorize, overlay
 
@@ -621,16 +642,19 @@ def predict_files(
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ValueError(f"image file(s) not found: {', '.join(missing[:5])}; check the paths")
-    if runtime == "onnx" and tile is None:
-        raise ValueError("--runtime onnx needs --tile: the ONNX graph is exported for one fixed tile size")
-    model, extra = load_model(model_path)
-    model.eval()
-    in_channels = model.config["in_channels"]
-    predictor = prepare_for_cpu(model, runtime, tile=tile)
+    out = check_output_folder(out)
+    if Path(model_path).suffix == ".onnx":
+        predictor, extra, tile = _exported_predictor(Path(model_path), runtime, tile)
+        in_channels = predictor.in_channels
+    else:
+        if runtime == "onnx" and tile is None:
+            raise ValueError("--runtime onnx needs --tile: the ONNX graph is exported for one fixed tile size")
+        model, extra = load_model(model_path)
+        model.eval()
+        in_channels = model.config["in_channels"]
+        predictor = prepare_for_cpu(model, runtime, tile=tile)
     normalise = ToTensor(extra.get("mean"), extra.get("std"))
     palette = extra.get("palette") or [(0, 0, 0), (255, 255, 255)]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in track(paths, description="predicting", transient=True, disable=not progress):
         if skip_existing and all((out / f"{path.stem}_{kind}.png").is_file() for kind in PREDICTION_KINDS):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,21 +14,56 @@ import numpy as np
 from PIL import Image
 
 
+def _temp_path(path: Path, make: Callable[[Path], None]) -> Path:
+    """Create a fresh ``.NAME.<random>.tmp`` beside ``path`` with ``make`` (which must fail if it exists)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            make(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
 
-    A crash or kill mid-write leaves the old file (or none), never a half-written one.
+    A crash or kill mid-write leaves the old file (or none), never a half-written one. The
+    file gets the usual permissions (0666 minus the umask, e.g. 0644), unlike ``mkstemp``'s 0600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        write(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_path(path, lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write there ({e.strerror})", str(path)) from e
+    try:
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def make_temp_dir(path: str | Path) -> Path:
+    """Create an empty folder beside ``path`` to fill and then rename to ``path`` (usual permissions)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _temp_path(path, lambda p: p.mkdir(mode=0o777))
+
+
+def check_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """Refuse an output folder that exists as a file, or lies below one (call before writing anything).
+
+    ``option`` names the setting in the message: ``--out`` (a CLI option) or ``out`` (a config key).
+    """
+    path = Path(path)
+    given = f"{option} {path}" if option.startswith("-") else f"{option}={path}"
+    blocking = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        where = "is an existing file" if blocking == path else f"lies below the file {blocking}"
+        raise ValueError(f"{given} {where}, not a folder; pick another output folder")
     return path
 
 
