@@ -89,6 +89,12 @@ def test_train_report_and_predict_a_volume_end_to_end(volume_data, tmp_path):
     assert read_volume(tmp_path / "pred" / "v2_labels.tif").spacing == pytest.approx((2.0, 1.0, 1.0))
 
 
+def test_crop_size_has_one_side_per_spatial_dimension_of_the_model():
+    assert TrainConfig(data="d", task="volume", model="unet3d", crop_size=[8, 16, 16]).crop_size == [8, 16, 16]
+    with pytest.raises(ValueError, match=r"must hold three numbers for unet3d"):
+        TrainConfig(data="d", task="volume", model="unet3d", crop_size=[16, 16])
+
+
 def test_predict_rejects_a_2d_model_for_volumes_and_mixed_inputs(volume_data, tmp_path):
     from pixelwise.models import create_model, save_model
 
