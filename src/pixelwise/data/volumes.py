@@ -161,7 +161,8 @@ def write_volume(path: str | Path, labels: np.ndarray, like: Volume) -> Path:
     return atomic_write(
         path,
         lambda tmp: tifffile.imwrite(
-            tmp, labels, imagej=True, resolution=(1 / w, 1 / h), metadata={"spacing": d, "unit": like.unit or "pixel", "axes": "ZYX"}
+            tmp, labels, imagej=True, resolution=(1 / w, 1 / h),
+            metadata={"spacing": d, "unit": like.unit or "pixel", "axes": "ZYX"},
         ),
     )
 
@@ -268,7 +269,9 @@ class VolumeTransform:
                 if self.rng.random() < 0.5:
                     image, labels = np.flip(image, axis + 1), np.flip(labels, axis)
         if self.rotate:
-            planes = [(a, b) for a in range(3) for b in range(a + 1, 3) if math.isclose(spacing[a], spacing[b], rel_tol=1e-3)]
+            planes = [
+                (a, b) for a in range(3) for b in range(a + 1, 3) if math.isclose(spacing[a], spacing[b], rel_tol=1e-3)
+            ]
             if planes:
                 a, b = planes[int(self.rng.integers(len(planes)))]
                 square = labels.shape[a] == labels.shape[b]
@@ -325,11 +328,14 @@ class VolumeDataset(Dataset):
         k = len(class_names)
         for name, image, label in zip(self.names, images, labels):
             if image.ndim != 4 or image.shape[1:] != label.shape:
-                raise ValueError(f"volume {name}: image {image.shape} and labels {label.shape} must be (C, D, H, W) and (D, H, W)")
+                raise ValueError(
+                    f"volume {name}: image {image.shape} and labels {label.shape} must be (C, D, H, W) and (D, H, W)"
+                )
             bad = (label != ignore_index) & ((label < 0) | (label >= k))
             if bad.any():
                 raise ValueError(
-                    f"volume {name}: label value {int(label[bad].flat[0])} is outside 0..{k - 1} and not ignore_index={ignore_index}"
+                    f"volume {name}: label value {int(label[bad].flat[0])} is outside 0..{k - 1} "
+                    f"and not ignore_index={ignore_index}"
                 )
         if not images:
             raise ValueError("a volume data set needs at least one volume")
@@ -353,7 +359,9 @@ class VolumeDataset(Dataset):
         return self.transform(self.images[v], self.labels[v], self.spacings[v])
 
 
-def isbi2012_volume(root: str | Path, split: str, transform: VolumeTransform | None = None, val_sections: int = 5) -> VolumeDataset:
+def isbi2012_volume(
+    root: str | Path, split: str, transform: VolumeTransform | None = None, val_sections: int = 5
+) -> VolumeDataset:
     """The ISBI 2012 EM stack as one volume (1, D, 512, 512); "train" = all but the last
     ``val_sections`` sections, "val" = the last ones, "all" = every section.
 
@@ -378,7 +386,9 @@ def isbi2012_volume(root: str | Path, split: str, transform: VolumeTransform | N
     )
 
 
-def volume_folder(root: str | Path, transform: VolumeTransform | None = None, num_classes: int | None = None) -> VolumeDataset:
+def volume_folder(
+    root: str | Path, transform: VolumeTransform | None = None, num_classes: int | None = None
+) -> VolumeDataset:
     """``root/images/NAME.{tif,nii.gz,...}`` with ``root/labels/NAME.*`` of the same shape.
 
     Classes: ``num_classes`` or 1 + the largest label below 255 (255 is ``ignore_index``);
@@ -402,7 +412,9 @@ def volume_folder(root: str | Path, transform: VolumeTransform | None = None, nu
     for name in sorted(found["images"]):
         image, label = read_volume(found["images"][name]), read_volume(found["labels"][name])
         if label.data.shape != image.data.shape[:3]:
-            raise ValueError(f"label volume {found['labels'][name]} has shape {label.data.shape}; its image has {image.data.shape[:3]}")
+            raise ValueError(
+                f"label volume {found['labels'][name]} has shape {label.data.shape}; its image has {image.data.shape[:3]}"
+            )
         images.append(volume_to_float(image.data))
         labels.append(label.data)
         spacings.append(image.spacing)

@@ -51,9 +51,12 @@ def pockets_from_probabilities(
         p = probs[tuple(index.T)].astype(np.float64)
         centres = grid.to_world(index)
         centre = (centres * p[:, None]).sum(0) / p.sum()
-        found.append((float(p.sum()), tuple(float(c) for c in centre), len(index) * voxel_volume, float(p.mean()), centres))
-    found.sort(key=lambda f: -f[0])
-    return [Pocket(rank, centre, volume, score, mean, voxels) for rank, (score, centre, volume, mean, voxels) in enumerate(found, 1)]
+        centre = tuple(float(c) for c in centre)
+        found.append(Pocket(0, centre, len(index) * voxel_volume, float(p.sum()), float(p.mean()), centres))
+    found.sort(key=lambda pocket: -pocket.score)
+    for rank, pocket in enumerate(found, 1):
+        pocket.rank = rank
+    return found
 
 
 def dcc(centre: Sequence[float], ligand: np.ndarray) -> float:

@@ -140,7 +140,9 @@ def read_structure(path: str | Path, ligand: str | None = None) -> Structure:
     chosen = [k for k in others if ligand is None or k[0] == ligand.upper()]
     if ligand is not None and not chosen:
         names = sorted({k[0] for k in others})
-        raise ValueError(f"structure {path} has no ligand named {ligand!r}; its small molecules: {', '.join(names) or 'none'}")
+        raise ValueError(
+            f"structure {path} has no ligand named {ligand!r}; its small molecules: {', '.join(names) or 'none'}"
+        )
     best = max(chosen, key=lambda k: len(others[k]), default=None)
     return Structure(
         np.asarray(protein, np.float64), np.asarray(channels, bool), np.asarray(radii, np.float64),

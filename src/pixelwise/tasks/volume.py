@@ -20,7 +20,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pixelwise.data.volumes import VolumeTransform, open_volume_dataset, read_volume, volume_suffix, volume_to_float, write_volume
+from pixelwise.data.volumes import (
+    VolumeTransform,
+    open_volume_dataset,
+    read_volume,
+    volume_suffix,
+    volume_to_float,
+    write_volume,
+)
 from pixelwise.evaluation import EvalResult
 from pixelwise.tasks.base import register_task
 from pixelwise.tasks.semantic import SemanticTask
@@ -116,7 +123,9 @@ def predict_volume_files(
             raise ValueError(f"volume file {p} does not exist; check the path")
     model, _ = load_model(model_path)
     if spatial_dims(model.config["name"]) != 3:
-        raise ValueError(f"model {model_path} ({model.config['name']}) takes 2D images; segment volumes with a 3D model such as unet3d")
+        raise ValueError(
+            f"model {model_path} ({model.config['name']}) takes 2D images; segment volumes with a 3D model such as unet3d"
+        )
     model.eval()
     out = Path(out)
     written = []

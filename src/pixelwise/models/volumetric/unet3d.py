@@ -90,7 +90,9 @@ class UNet3D(nn.Module):
         b = base_channels
         level_inputs = [in_channels] + [b * 2 ** (level + 1) for level in range(depth)]  # 3, 64, 128, 256 in Fig. 1
         self.down = nn.ModuleList(
-            nn.Sequential(ConvBNReLU3d(c_in, b * 2**level, padding), ConvBNReLU3d(b * 2**level, b * 2 ** (level + 1), padding))
+            nn.Sequential(
+                ConvBNReLU3d(c_in, b * 2**level, padding), ConvBNReLU3d(b * 2**level, b * 2 ** (level + 1), padding)
+            )
             for level, c_in in enumerate(level_inputs)
         )
         self.pool = nn.MaxPool3d(self.pool_factors, self.pool_factors)
