@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pixelwise.models import create_model, list_models
+from pixelwise.models import create_model, list_models, spatial_dims
+
+PLANAR_MODELS = [name for name in list_models() if spatial_dims(name) == 2]  # 3D models: tests/test_unet3d.py
 
 # Cheaper configurations for models whose defaults are slow on CPU; each default is counted
 # and checked in its own test file (DeconvNet: 252M parameters; Xception-65: test_deeplab.py).
@@ -16,7 +18,7 @@ SMALL = {
 }
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", PLANAR_MODELS)
 def test_logits_at_input_size_and_gradients_flow(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, num_classes=3, **SMALL.get(name, {}))
@@ -31,7 +33,7 @@ def test_logits_at_input_size_and_gradients_flow(name: str) -> None:
     assert not missing, f"parameters without gradient: {missing[:5]}"
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", PLANAR_MODELS)
 def test_grey_input_and_eval_mode(name: str) -> None:
     model = create_model(name, num_classes=2, in_channels=1, **SMALL.get(name, {})).eval()
     with torch.no_grad():

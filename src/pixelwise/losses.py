@@ -42,13 +42,14 @@ def _as_weight(weight: Weights | None, name: str) -> Tensor | None:
 
 
 def _check_logits_target(logits: Tensor, target: Tensor, ignore_index: int) -> None:
-    """Shapes (N, K, H, W) / (N, H, W), integer target, class ids in [0, K) or ignore_index."""
-    if logits.dim() != 4:
-        raise ValueError(f"logits must be (N, K, H, W), got shape {tuple(logits.shape)}")
-    n, k, h, w = logits.shape
-    if tuple(target.shape) != (n, h, w):
+    """Shapes (N, K, H, W) / (N, H, W) (volumes: (N, K, D, H, W) / (N, D, H, W)), integer
+    target, class ids in [0, K) or ignore_index."""
+    if logits.dim() not in (4, 5):
+        raise ValueError(f"logits must be (N, K, H, W) or (N, K, D, H, W), got shape {tuple(logits.shape)}")
+    n, k, *spatial = logits.shape
+    if tuple(target.shape) != (n, *spatial):
         raise ValueError(
-            f"target must be (N, H, W) = {(n, h, w)} to match logits {tuple(logits.shape)}, got {tuple(target.shape)}"
+            f"target must be (N, H, W) = {(n, *spatial)} to match logits {tuple(logits.shape)}, got {tuple(target.shape)}"
         )
     if target.is_floating_point() or target.dtype == torch.bool:
         raise ValueError(f"target must hold int64 class ids, got dtype {target.dtype}; convert it with .long()")
@@ -173,7 +174,7 @@ class DiceLoss(nn.Module):
         prob = logits.softmax(1)
         # One-hot target (N, K, H, W), all zeros on ignored pixels.
         onehot = torch.zeros_like(prob).scatter_(1, target.clamp(0, k - 1).unsqueeze(1), valid.to(prob.dtype))
-        dims = (0, 2, 3)
+        dims = (0, *range(2, prob.dim()))
         inter = (prob * onehot).sum(dims)
         count = onehot.sum(dims)
         card = (prob * valid).sum(dims) + count
@@ -266,9 +267,9 @@ class LovaszSoftmaxLoss(nn.Module):
             raise ValueError(f"classes {self.classes} must be class ids in [0, {k})")
         prob = logits.softmax(1)
         if not self.per_image:
-            loss = self._flat(prob.permute(0, 2, 3, 1).reshape(-1, k), target.reshape(-1))
+            loss = self._flat(prob.movedim(1, -1).reshape(-1, k), target.reshape(-1))
             return loss if loss is not None else _zero_with_grad(logits)
-        losses = [self._flat(p.permute(1, 2, 0).reshape(-1, k), t.reshape(-1)) for p, t in zip(prob, target)]
+        losses = [self._flat(p.movedim(0, -1).reshape(-1, k), t.reshape(-1)) for p, t in zip(prob, target)]
         losses = [x for x in losses if x is not None]
         return torch.stack(losses).mean() if losses else _zero_with_grad(logits)
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from pixelwise.config import check_field_types, load_yaml
 from pixelwise.io import atomic_write, atomic_write_text
 from pixelwise.models import create_model, load_model, save_model
-from pixelwise.models.registry import get_builder
+from pixelwise.models.registry import spatial_dims
 from pixelwise.report import plot_history
 from pixelwise.tasks import Task, get_task
 
@@ -91,10 +91,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        for name in ("crop_size", "scale_range"):
-            if getattr(self, name) is not None and len(getattr(self, name)) != 2:
-                raise ValueError(f"{name}={getattr(self, name)!r} must hold two numbers, e.g. [256, 256]")
-        get_builder(self.model)
+        if self.scale_range is not None and len(self.scale_range) != 2:
+            raise ValueError(f"scale_range={self.scale_range!r} must hold two numbers, e.g. [0.5, 2.0]")
+        dims = spatial_dims(self.model)  # also rejects an unknown model name
+        if self.crop_size is not None and len(self.crop_size) != dims:
+            example = "[256, 256]" if dims == 2 else "[16, 64, 64] (depth, height, width)"
+            count = {2: "two", 3: "three"}[dims]
+            raise ValueError(f"crop_size={self.crop_size!r} must hold {count} numbers for {self.model}, e.g. {example}")
         get_task(self.task)
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer={self.optimizer!r}: use 'sgd' or 'adamw'")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -140,6 +141,18 @@ class ToTensor:
         )
 
 
+def reseed_in_worker(transform: Any) -> None:
+    """Inside a DataLoader worker, restart ``transform``'s draws from the worker's seed once per
+    worker process (``transform.set_random_seed``; state kept in ``transform._seeded_for``)."""
+    info = get_worker_info()
+    if info is None:
+        return
+    key = (os.getpid(), info.seed)
+    if key != getattr(transform, "_seeded_for", None):
+        transform.set_random_seed(info.seed)
+        transform._seeded_for = key
+
+
 class TrainTransform:
     """Random scale -> pad -> random crop -> horizontal flip -> colour jitter -> elastic -> tensors.
 
@@ -209,15 +222,6 @@ class TrainTransform:
         self.rng = np.random.default_rng(seed)
         self.pipeline.set_random_seed(seed % 2**32)
 
-    def _reseed_in_worker(self) -> None:
-        info = get_worker_info()
-        if info is None:
-            return
-        key = (os.getpid(), info.seed)
-        if key != self._seeded_for:
-            self.set_random_seed(info.seed)
-            self._seeded_for = key
-
     def _scale_pad_crop(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rescale, pad (centred) to at least the crop size, then crop at a random position.
 
@@ -257,7 +261,7 @@ class TrainTransform:
                 f"mask values range {mask.min()}..{mask.max()}; transforms need ids in 0..65535"
             )
         self.to_tensor.check_channels(image.shape[-1])
-        self._reseed_in_worker()
+        reseed_in_worker(self)
         x, y = self._scale_pad_crop(to_float(image), mask.astype(np.uint16))
         out = self.pipeline(image=np.ascontiguousarray(x), mask=np.ascontiguousarray(y))
         x, y = out["image"], out["mask"]

@@ -70,41 +70,23 @@ def crop_to(x: torch.Tensor, height: int, width: int, top: int | None = None, le
     return x[..., top : top + height, left : left + width]
 
 
-def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Bilinear resize of (N, C, h, w) to (N, C, *size) (align_corners=False); no-op if equal."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+def resize_to(x: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Bilinear resize of (N, C, h, w) to (N, C, *size) (align_corners=False); no-op if equal.
 
-
-def reflect_indices(start: int, length: int, size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Indices into an axis of ``size`` for positions ``start .. start + length - 1``, mirrored.
-
-    Positions outside ``[0, size)`` reflect about the edge pixels without repeating them
-    (numpy's ``reflect``), again and again for pads longer than the axis (period
-    ``2 * (size - 1)``); a size-1 axis repeats its pixel. E.g. size 3, start -4, length 11:
-    ``[0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2]``.
+    A volume (N, C, d, h, w) is resized trilinearly to (N, C, *size).
     """
-    idx = torch.arange(start, start + length, device=device)
-    if size == 1:
-        return torch.zeros_like(idx)
-    period = 2 * (size - 1)
-    idx = idx.remainder(period)
-    return torch.where(idx >= size, period - idx, idx)
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear" if x.ndim == 4 else "trilinear", align_corners=False)
 
 
 def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
     """Pad (N, C, H, W) by mirroring the border (``reflect``: the edge pixel is not repeated).
 
-    Pads of any length reflect repeatedly (:func:`reflect_indices`), the same rule as the
+    Pads of any length reflect repeatedly (:func:`reflect_index`), the same rule as the
     sliding-window inference, so a pad longer than the image continues the mirror pattern.
     """
-    h, w = x.shape[-2:]
-    if top or bottom:
-        x = x.index_select(-2, reflect_indices(-top, h + top + bottom, h, x.device))
-    if left or right:
-        x = x.index_select(-1, reflect_indices(-left, w + left + right, w, x.device))
-    return x
+    return mirror_pad_nd(x, [(top, bottom), (left, right)])
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -114,3 +96,32 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """
     h, w = x.shape[-2:]
     return mirror_pad(x, 0, -h % multiple, 0, -w % multiple)
+
+
+def reflect_index(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Map integer positions (any, even far outside ``[0, size)``) to mirrored positions inside it.
+
+    Mirrors without repeating the edge (numpy's ``reflect``), repeatedly for positions
+    more than one image length outside; a size-1 axis maps everything to 0.
+    Example: size 3, positions -4..6 -> 0 1 2 1 0 1 2 1 0 1 2.
+    """
+    if size == 1:
+        return torch.zeros_like(index)
+    period = 2 * (size - 1)
+    index = index.remainder(period)
+    return torch.where(index >= size, period - index, index)
+
+
+def mirror_pad_nd(x: torch.Tensor, pads: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Reflect-pad the last ``len(pads)`` axes of ``x`` by ``(before, after)`` each (see :func:`reflect_index`).
+
+    Pads may exceed the axis length; the reflection then repeats. (N, C, D, H, W) with
+    ``pads = [(0, 1), (2, 2), (0, 0)]`` -> (N, C, D + 1, H + 4, W).
+    """
+    first = x.ndim - len(pads)
+    for axis, (before, after) in enumerate(pads, start=first):
+        if before or after:
+            size = x.shape[axis]
+            index = reflect_index(torch.arange(-before, size + after, device=x.device), size)
+            x = x.index_select(axis, index)
+    return x

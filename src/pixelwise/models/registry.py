@@ -25,6 +25,14 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
+def spatial_dims(name: str) -> int:
+    """Spatial dimensions of the inputs model ``name`` takes: 2 for (N, C, H, W), 3 for (N, C, D, H, W).
+
+    Read from the builder's ``spatial_dims`` attribute (volumetric builders set 3); default 2.
+    """
+    return getattr(get_builder(name), "spatial_dims", 2)
+
+
 def get_builder(name: str) -> Callable[..., nn.Module]:
     """The builder registered as ``name``; an unknown name raises a ValueError listing valid ones."""
     if name not in MODELS:
