@@ -14,7 +14,7 @@ from torch import nn
 
 from pixelwise.export import OnnxPredictor, TorchPredictor, export_onnx, fold_batchnorm, prepare_for_cpu
 from pixelwise.inference import sliding_window_labels
-from pixelwise.models import create_model, list_models
+from pixelwise.models import create_model, list_models, spatial_dims
 from pixelwise.models.backbones import ResNet
 from pixelwise.models.registry import MODELS
 
@@ -75,7 +75,7 @@ def small_options(name: str) -> dict[str, Any]:
 
 
 def variants() -> list[Any]:
-    cases = [(name, small_options(name)) for name in list_models()]
+    cases = [(name, small_options(name)) for name in list_models() if spatial_dims(name) == 2]
     cases += [(name, options) for name, options in EXTRA_VARIANTS if name in MODELS]
     return [pytest.param(name, options, id="-".join([name, *map(str, options.values())])) for name, options in cases]
 
@@ -354,3 +354,10 @@ def test_onnx_runtime_keeps_file_only_when_asked(tmp_path: Path) -> None:
 def test_prepare_for_cpu_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         prepare_for_cpu(Tiny(), **kwargs)
+
+
+def test_export_refuses_a_volume_model_with_a_clear_error(tmp_path: Path) -> None:
+    model = create_model("unet3d", num_classes=2, base_channels=4)
+    with pytest.raises(ValueError, match="ONNX export takes 2D models .* unet3d is 3D"):
+        export_onnx(model, tmp_path / "m.onnx", height=16, width=16)
+    assert not list(tmp_path.iterdir())

@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from pixelwise.io import atomic_write
+from pixelwise.models.registry import spatial_dims
 
 __all__ = [
     "OnnxPredictor", "TorchPredictor", "calibration_batch", "export_onnx", "export_onnx_int8", "fold_batchnorm",
@@ -286,6 +287,9 @@ def export_onnx(
         fold_bn: merge BatchNorm into the preceding conv first (:func:`fold_batchnorm`).
         extra: the model's saved ``extra`` (:func:`pixelwise.models.load_model`), kept as metadata.
     """
+    name = getattr(model, "config", {}).get("name")
+    if name is not None and spatial_dims(name) != 2:
+        raise ValueError(f"ONNX export takes 2D models (N, C, H, W); {name} is {spatial_dims(name)}D: predict volumes with the torch runtime")
     height = _positive_int("height", height)
     width = _positive_int("width", width)
     in_channels = _infer_in_channels(model) if in_channels is None else _positive_int("in_channels", in_channels)
