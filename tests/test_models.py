@@ -1,4 +1,4 @@
-"""One shared test over the registry: every model, any input size, forward and backward."""
+"""One shared test over the registry: every dense model, any input size, forward and backward."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from pixelwise.models import create_model, list_models
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models(kind="dense"))
 def test_logits_at_input_size_and_gradients_flow(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, num_classes=3)
@@ -23,7 +23,7 @@ def test_logits_at_input_size_and_gradients_flow(name: str) -> None:
     assert not missing, f"parameters without gradient: {missing[:5]}"
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models(kind="dense"))
 def test_grey_input_and_eval_mode(name: str) -> None:
     model = create_model(name, num_classes=2, in_channels=1).eval()
     with torch.no_grad():

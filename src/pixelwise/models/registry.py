@@ -20,9 +20,14 @@ Filled in :mod:`pixelwise.models` from the model files, one line per model.
 """
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`, sorted."""
-    return sorted(MODELS)
+def model_kind(name: str) -> str:
+    """What a model returns: ``"dense"`` ((N, K, H, W) logits) or ``"detection"`` (per-image instance dicts)."""
+    return getattr(get_builder(name), "kind", "dense")
+
+
+def list_models(kind: str | None = None) -> list[str]:
+    """Names accepted by :func:`create_model`, sorted; only those of ``kind`` (see :func:`model_kind`) if given."""
+    return sorted(n for n in MODELS if kind is None or getattr(MODELS[n], "kind", "dense") == kind)
 
 
 def get_builder(name: str) -> Callable[..., nn.Module]:
@@ -37,8 +42,8 @@ def get_builder(name: str) -> Callable[..., nn.Module]:
 def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
     """Build a model by name.
 
-    The model maps (N, in_channels, H, W) float images to (N, num_classes, H, W) logits
-    for any H, W. Its creation arguments are kept in ``model.config`` so that
+    A dense model maps (N, in_channels, H, W) float images to (N, num_classes, H, W) logits
+    for any H, W; a detection model (:func:`model_kind`) returns instances. Its creation arguments are kept in ``model.config`` so that
     :func:`save_model` / :func:`load_model` can rebuild it.
 
     Example:
