@@ -21,8 +21,8 @@ from pixelwise.report import (
     save_overlay_grid,
     write_eval_report,
     write_metrics_json,
-    write_run_report,
 )
+from pixelwise.training import write_run_report
 
 PALETTE = [(10, 20, 30), (200, 0, 0), (0, 250, 4)]
 

@@ -40,8 +40,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.safetensors.")] = False,
 ) -> None:
     """Train a model; writes checkpoints, metrics.json, curves, confusion matrix and overlays."""
-    from pixelwise.report import write_run_report
-    from pixelwise.training import load_config, train as run_training
+    from pixelwise.training import load_config, train as run_training, write_run_report
 
     cfg = load_config(config, overrides or [])
     result = run_training(cfg, resume=resume)
@@ -63,18 +62,17 @@ def evaluate_cmd(
     crf: Crf = None,
 ) -> None:
     """Evaluate a trained model: per-class IoU table, metrics.json, confusion matrix, overlays."""
-    from pixelwise.data import eval_transform, open_dataset
-    from pixelwise.evaluation import evaluate
     from pixelwise.models import load_model
-    from pixelwise.report import write_eval_report
+    from pixelwise.tasks import get_task
 
     net, extra = load_model(model)
-    dataset = open_dataset(data, split, transform=eval_transform(mean=extra.get("mean"), std=extra.get("std")))
-    result = evaluate(
-        net, dataset, task=extra.get("task", "semantic"), tile=tile, overlap=overlap, scales=_scales(scales), flip=flip,
-        crf=crf, mean=extra.get("mean"), std=extra.get("std"), keep_samples=4, progress=True,
+    task = get_task(extra.get("task", "semantic"))
+    dataset = task.open_eval(data, split, extra)
+    result = task.evaluate(
+        net, dataset, tile=tile, overlap=overlap, scales=_scales(scales), flip=flip, crf=crf, mean=extra.get("mean"),
+        std=extra.get("std"), keep_samples=4, progress=True,
     )
-    metrics = write_eval_report(out, result, dataset.class_names, dataset.palette)
+    metrics = task.write_report(out, result, dataset)
     _print_summary(metrics, out)
 
 
@@ -161,8 +159,7 @@ def demo(
 ) -> None:
     """Train a small U-Net on built-in synthetic shapes (about a minute), evaluate, write a report."""
     from pixelwise.data.synthetic import write_synthetic_dataset
-    from pixelwise.report import write_run_report
-    from pixelwise.training import TrainConfig, train as run_training
+    from pixelwise.training import TrainConfig, train as run_training, write_run_report
 
     if data is None:
         data = str(write_synthetic_dataset(out / "data", n_train=120, n_val=30))

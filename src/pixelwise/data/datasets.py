@@ -405,7 +405,8 @@ class ISBI2012(SegmentationDataset):
     """ISBI 2012 EM slices: ``root/images/NN.png`` (grey) + ``root/labels/NN.png``.
 
     Label 255 (cell interior) -> class 1 "cell", 0 (membrane) -> class 0 "membrane";
-    ``ignore_index`` 255 (never present in the labels). Images have C = 1.
+    ``ignore_index`` 255 (never present in the labels). Images have C = 1. ``cell_class``
+    asks evaluation for the challenge's segment measures (Rand error, VI) of the cells.
 
     Args:
         root: Folder holding ``images/`` and ``labels/``.
@@ -413,6 +414,8 @@ class ISBI2012(SegmentationDataset):
             None keeps all.
         transform: Joint transform; default :func:`~pixelwise.data.transforms.eval_transform`.
     """
+
+    cell_class = 1
 
     def __init__(
         self, root: str | Path, indices: Sequence[int] | None = None, transform: Transform | None = None
