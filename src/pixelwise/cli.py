@@ -88,9 +88,20 @@ def predict(
     crf: Crf = None,
     runtime: Annotated[str, typer.Option(help="torch, compile (torch.compile) or onnx (ONNX Runtime; needs --tile).")] = "torch",
 ) -> None:
-    """Segment images of any size; writes NAME_labels.png, NAME_colour.png and NAME_overlay.png."""
+    """Segment images of any size; writes NAME_labels.png, NAME_colour.png and NAME_overlay.png.
+
+    Instance models write NAME_instances.png (instance ids), NAME_overlay.png and NAME_instances.json.
+    """
     from pixelwise.inference import predict_files
 
+    if _saved_task(model) == "instance":
+        from pixelwise.tasks.instance import predict_instance_files
+
+        if tile is not None or scales != "1" or flip or crf is not None or runtime != "torch":
+            raise ValueError("instance models predict whole images with torch: drop --tile, --scales, --flip, --crf and --runtime")
+        written = predict_instance_files(images, model, out, progress=True)
+        console.print(f"wrote {len(written)} predictions to {out}")
+        return
     written = predict_files(
         images, model, out, tile=tile, overlap=overlap, scales=_scales(scales), flip=flip, crf=crf, runtime=runtime,
         progress=True,
@@ -175,11 +186,23 @@ def demo(
     console.print(f"demo finished in {time.monotonic() - started:.0f} s; validation mIoU {metrics['mean_iou']:.3f}")
 
 
+def _saved_task(model: Path) -> str:
+    """The task a saved model was trained for (``extra["task"]`` of its JSON; "semantic" if absent)."""
+    import json
+
+    meta = Path(model).with_suffix(".json")
+    if not meta.is_file():
+        raise ValueError(f"model file {str(meta)!r} does not exist; pass a .safetensors written by pixelwise")
+    return json.loads(meta.read_text()).get("extra", {}).get("task", "semantic")
+
+
 def _print_summary(metrics: dict, run_dir: Path) -> None:
-    from pixelwise.report import per_class_table
+    from pixelwise.report import ap_table, per_class_table
 
     if "per_class" in metrics:
         console.print(per_class_table(metrics))
+    if "mask_ap" in metrics:
+        console.print(ap_table(metrics))
     console.print(f"report written to {run_dir}")
 
 

@@ -3,10 +3,10 @@
 Example:
     >>> from pixelwise.tasks import get_task, list_tasks
     >>> list_tasks()
-    ['edges', 'semantic']
+    ['edges', 'instance', 'semantic']
 """
 
 from pixelwise.tasks.base import TASKS, Task, get_task, list_tasks, register_task
-from pixelwise.tasks import semantic  # noqa: F401  (registers "semantic" and "edges")
+from pixelwise.tasks import instance, semantic  # noqa: F401  (registers "instance", "semantic" and "edges")
 
 __all__ = ["TASKS", "Task", "get_task", "list_tasks", "register_task"]

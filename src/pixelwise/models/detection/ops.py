@@ -35,7 +35,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     ``iou_threshold``. That rule fixes ``keep[i]`` from ``keep[:i]``, so it has exactly one
     fixed point; iterating ``keep <- not any(keep[j] and iou[j, i] > t for j < i)`` from
     "keep all" makes one more prefix entry final per pass and stops at that fixed point. Each
-    pass is one matrix-vector product, so there is no per-box Python loop.
+    pass is one (N, N) boolean reduction, so there is no per-box Python loop.
 
     Args:
         boxes: (N, 4).
@@ -49,14 +49,14 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = scores.argsort(descending=True, stable=True)
     b = boxes[order].float()
-    suppresses = (box_iou(b, b) > iou_threshold).triu(1).float()  # [j, i]: j (earlier) suppresses i
-    keep = torch.ones(len(b), device=b.device)
+    suppresses = (box_iou(b, b) > iou_threshold).triu(1)  # [j, i]: j (earlier) suppresses i
+    keep = torch.ones(len(b), dtype=torch.bool, device=b.device)
     while True:
-        new = ((keep @ suppresses) == 0).float()
+        new = ~(suppresses & keep[:, None]).any(0)
         if torch.equal(new, keep):
             break
         keep = new
-    return order[keep.bool()]
+    return order[keep]
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
@@ -146,6 +146,8 @@ def roi_align(
     Returns:
         (K, C, output_size, output_size).
     """
+    if features.dtype in (torch.float16, torch.bfloat16):  # sample positions need float32 precision
+        features = features.float()
     n, c, h, w = features.shape
     k, p, s = len(rois), output_size, sampling_ratio
     if k == 0:
@@ -202,11 +204,11 @@ def multiscale_roi_align(
     """
     rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
     levels = fpn_levels(rois[:, 1:], first_level, first_level + len(pyramid) - 1) - first_level
-    out = pyramid[0].new_zeros(len(rois), pyramid[0].shape[1], output_size, output_size)
+    out = pyramid[0].new_zeros(len(rois), pyramid[0].shape[1], output_size, output_size, dtype=torch.float32)
     for i, feature in enumerate(pyramid):  # one call per level, not per box
         chosen = torch.where(levels == i)[0]
         if len(chosen):
-            out[chosen] = roi_align(feature, rois[chosen], output_size, 2.0 ** -(first_level + i), sampling_ratio).to(out.dtype)
+            out[chosen] = roi_align(feature, rois[chosen], output_size, 2.0 ** -(first_level + i), sampling_ratio)
     return out
 
 

@@ -145,11 +145,12 @@ class RoIHeads(nn.Module):
 
     def box_forward(self, pyramid: Sequence[Tensor], boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         features = multiscale_roi_align(pyramid, boxes, self.box_pool_size, self.sampling_ratio)
-        return self.box_predictor(self.box_head(features))
+        class_logits, box_deltas = self.box_predictor(self.box_head(features))
+        return class_logits.float(), box_deltas.float()
 
     def mask_forward(self, pyramid: Sequence[Tensor], boxes: Sequence[Tensor]) -> Tensor:
         features = multiscale_roi_align(pyramid, boxes, self.mask_pool_size, self.sampling_ratio)
-        return self.mask_predictor(self.mask_head(features))
+        return self.mask_predictor(self.mask_head(features)).float()
 
     def sample(self, proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Sampled RoIs (S, 4) of one image, their labels (S,) and matched GT index (S,), foreground first."""

@@ -139,8 +139,8 @@ class RegionProposalNetwork(nn.Module):
         anchors = self.anchor_generator(image_size, [p.shape[-2:] for p in pyramid], pyramid[0].device)
         level_counts = [len(a) for a in anchors]
         anchors = torch.cat(anchors)
-        logits = torch.cat([_flatten(x, 1) for x in logits], 1)[..., 0]  # (N, R)
-        deltas = torch.cat([_flatten(x, 4) for x in deltas], 1)  # (N, R, 4)
+        logits = torch.cat([_flatten(x, 1) for x in logits], 1)[..., 0].float()  # (N, R); float32 also under autocast
+        deltas = torch.cat([_flatten(x, 4) for x in deltas], 1).float()  # (N, R, 4)
         n = len(logits)
         boxes = self.box_coder.decode(deltas.detach().reshape(-1, 4), anchors.repeat(n, 1)).reshape(n, -1, 4)
         proposals = self.select_proposals(boxes, logits.detach(), level_counts, image_sizes)
