@@ -97,9 +97,9 @@ def predict(
     if _saved_task(model) == "instance":
         from pixelwise.tasks.instance import predict_instance_files
 
-        if tile is not None or scales != "1" or flip or crf is not None or runtime != "torch":
-            raise ValueError("instance models predict whole images with torch: drop --tile, --scales, --flip, --crf and --runtime")
-        written = predict_instance_files(images, model, out, progress=True)
+        if scales != "1" or flip or crf is not None or runtime != "torch":
+            raise ValueError("instance models predict at scale 1 with torch: drop --scales, --flip, --crf and --runtime")
+        written = predict_instance_files(images, model, out, tile=tile, overlap=overlap, progress=True)
         console.print(f"wrote {len(written)} predictions to {out}")
         return
     written = predict_files(
