@@ -509,6 +509,9 @@ def coco_instance_metrics(
     import contextlib
     import io
 
+    from pixelwise.data.instances import require_pycocotools
+
+    require_pycocotools()
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 

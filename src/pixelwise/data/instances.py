@@ -42,6 +42,14 @@ from pixelwise.data.transforms import ToTensor, to_float
 from pixelwise.io import atomic_write, atomic_write_text, read_image, read_mask
 
 Target = dict[str, Tensor]
+
+
+def require_pycocotools() -> None:
+    """Raise a clear ImportError when the optional pycocotools (COCO JSON and COCO AP) is missing."""
+    try:
+        import pycocotools  # noqa: F401
+    except ImportError as err:
+        raise ImportError('COCO data and metrics need pycocotools: pip install "pixelwise[instance]"') from err
 INSTANCE_FORMS = (
     "coco:PATH (PATH/SPLIT.json + images in PATH/SPLIT/ or PATH/images/), isbi2012:PATH (cells), "
     "or a folder PATH with images/ + instances/ (or train/ and val/ sub-folders that each have them)"
@@ -203,6 +211,7 @@ class CocoInstances(InstanceDataset):
     """COCO-format instances: ``annotations`` JSON + an image folder (``file_name`` relative to it)."""
 
     def __init__(self, annotations: str | Path, images: str | Path, transform: Callable | None = None) -> None:
+        require_pycocotools()
         from pycocotools.coco import COCO
 
         self.annotations, self.images = Path(annotations), Path(images)
@@ -253,6 +262,7 @@ def write_coco_json(path: str | Path, dataset: InstanceDataset, file_names: Sequ
 
     Category ``i`` is class ``i`` (1..K-1); image ``j`` (id ``j + 1``) is ``file_names[j]``.
     """
+    require_pycocotools()
     from pycocotools import mask as mask_utils
 
     if len(file_names) != len(dataset):
