@@ -174,8 +174,7 @@ class InstanceFolder(InstanceDataset):
         for folder in (image_dir, id_dir):
             if not folder.is_dir():
                 raise ValueError(f"instance folder {folder} does not exist; expected {self.root}/images/ and {self.root}/instances/")
-        ids = {stem: p for stem, p in _list_by_stem(id_dir).items() if p.suffix.lower() != ".json"}
-        self.files = _match(_list_by_stem(image_dir), ids, image_dir, id_dir)
+        self.files = _match(_list_by_stem(image_dir), _list_by_stem(id_dir), image_dir, id_dir)
         classes_file = _find_classes_file(self.root)
         info = read_classes_file(classes_file) if classes_file else ClassInfo(["background", "object"], [(0, 0, 0), (255, 0, 0)])
         super().__init__(info.names, info.palette, transform)
@@ -243,12 +242,7 @@ class CocoInstances(InstanceDataset):
         anns = [a for a in self.coco.imgToAnns[info["id"]] if not a.get("iscrowd", 0)]
         label_of = {c: i + 1 for i, c in enumerate(self.category_ids)}
         masks = np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
-        keep = masks.reshape(len(masks), -1).any(1)
-        ids = np.zeros((h, w), np.int32)
-        classes = {}
-        for k in np.where(keep)[0]:  # later annotations on top, as the instance-id form needs one id per pixel
-            ids[masks[k] > 0] = len(classes) + 1
-            classes[len(classes) + 1] = label_of[anns[k]["category_id"]]
+        keep = masks.reshape(len(masks), -1).any(1)  # objects with an empty mask are left out
         target = {
             "boxes": torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a, k in zip(anns, keep) if k], dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor([label_of[a["category_id"]] for a, k in zip(anns, keep) if k], dtype=torch.int64),
