@@ -126,6 +126,8 @@ class MaskRCNN(nn.Module):
         """Losses (training, needs ``targets``) or detections (evaluation)."""
         if self.training and targets is None:
             raise ValueError("MaskRCNN in training mode needs targets (boxes, labels, masks per image); call model.eval() to detect")
+        if self.training and len(targets) != len(images):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets; give one target dict per image")
         batch, sizes = self.batch_images(images)
         pyramid = self.backbone(batch)
         gt_boxes = [t["boxes"] for t in targets] if self.training else None
