@@ -187,12 +187,13 @@ def demo(
 
 
 def _saved_task(model: Path) -> str:
-    """The task a saved model was trained for (``extra["task"]`` of its JSON; "semantic" if absent)."""
+    """The task a saved model was trained for (``extra["task"]`` of its JSON; "semantic" if absent,
+    leaving a missing file to the loader's error)."""
     import json
 
     meta = Path(model).with_suffix(".json")
     if not meta.is_file():
-        raise ValueError(f"model file {str(meta)!r} does not exist; pass a .safetensors written by pixelwise")
+        return "semantic"
     return json.loads(meta.read_text()).get("extra", {}).get("task", "semantic")
 
 
