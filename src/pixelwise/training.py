@@ -31,6 +31,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pixelwise.config import check_field_types, load_yaml
 from pixelwise.io import atomic_write, atomic_write_text
 from pixelwise.models import create_model, load_model, save_model
 from pixelwise.models.registry import get_builder
@@ -48,7 +49,8 @@ class TrainConfig:
     on the class boundaries of the label maps.
     ``val_scales`` are the test-time scales of validation (e.g. ``[0.5]`` for a model
     trained on half-size crops); ``max_minutes`` fits the poly schedule after every epoch
-    so that training ends within the budget.
+    so that training ends within the budget. ``val_fraction`` is the share of a plain
+    folder (images/ + masks/, no train/ and val/) held out for validation.
     """
 
     data: str
@@ -83,8 +85,13 @@ class TrainConfig:
     val_every: int = 1
     val_scales: list[float] = field(default_factory=lambda: [1.0])
     threads: int | None = None
+    val_fraction: float = 0.2
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        for name in ("crop_size", "scale_range"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != 2:
+                raise ValueError(f"{name}={getattr(self, name)!r} must hold two numbers, e.g. [256, 256]")
         get_builder(self.model)
         get_task(self.task)
         if self.optimizer not in ("sgd", "adamw"):
@@ -105,8 +112,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist; pass a YAML file like configs/camvid.yaml")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+            raw = load_yaml(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
         if not isinstance(raw, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
@@ -118,13 +125,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         *parents, leaf = key.split(".")
         for p in parents:
             target = target.setdefault(p, {})
-        target[leaf] = yaml.safe_load(value)
+        target[leaf] = load_yaml(value)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
-    if "data" not in raw:
-        raise ValueError("the config needs a 'data' key (e.g. data=camvid:../shared/data/camvid or a folder path)")
+    if raw.get("data") in (None, ""):
+        raise ValueError("the config needs a 'data' value (e.g. data=camvid:../shared/data/camvid or a folder path)")
     return TrainConfig(**raw)
 
 

@@ -118,18 +118,30 @@ class SemanticTask(Task):
             crop_size=tuple(cfg.crop_size) if cfg.crop_size else None, scale_range=tuple(cfg.scale_range),
             hflip=cfg.hflip, color_jitter=cfg.color_jitter, elastic=cfg.elastic, mean=cfg.mean, std=cfg.std,
         )
-        train_set = open_dataset(cfg.data, cfg.train_split, transform=transform)
-        return train_set, self.open_eval(cfg.data, cfg.val_split, {"mean": cfg.mean, "std": cfg.std})
+        train_set = open_dataset(cfg.data, cfg.train_split, transform=transform, val_fraction=cfg.val_fraction)
+        val_extra = {"mean": cfg.mean, "std": cfg.std, "val_fraction": cfg.val_fraction}
+        return train_set, self.open_eval(cfg.data, cfg.val_split, val_extra)
 
     def open_eval(self, data: str, split: str, extra: dict[str, Any]) -> Dataset:
-        return open_dataset(data, split, transform=eval_transform(mean=extra.get("mean"), std=extra.get("std")))
+        """The split (a plain folder holds out the model's ``val_fraction``), checked against the
+        model's classes when ``extra`` names them."""
+        transform = eval_transform(mean=extra.get("mean"), std=extra.get("std"))
+        dataset = open_dataset(data, split, transform=transform, val_fraction=extra.get("val_fraction", 0.2))
+        names = extra.get("class_names")
+        if names is not None and len(names) != self.output_channels(dataset):
+            raise ValueError(
+                f"the model was trained on {len(names)} classes ({', '.join(names)}) but {data} ({split}) has "
+                f"{dataset.num_classes} ({', '.join(dataset.class_names)}); evaluate on data labelled with the "
+                "model's classes"
+            )
+        return dataset
 
     def output_channels(self, train_set: Any) -> int:
         return train_set.num_classes
 
     def model_extra(self, train_set: Any, cfg: Any) -> dict[str, Any]:
         return {"class_names": train_set.class_names, "palette": train_set.palette, "ignore_index": train_set.ignore_index,
-                "mean": cfg.mean, "std": cfg.std}
+                "mean": cfg.mean, "std": cfg.std, "val_fraction": cfg.val_fraction}
 
     def setup(self, cfg: Any, train_set: Any, model: nn.Module, device: torch.device) -> None:
         self.ignore_index = train_set.ignore_index
