@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from torch.utils.data import Dataset
 from pixelwise.data.datasets import ISBI_VAL_SLICES, ClassInfo, ISBI2012, _find_classes_file, _list_by_stem, _match, read_classes_file, voc_colormap, write_classes_file
 from pixelwise.data.synthetic import make_synthetic_instances, synthetic_classes
 from pixelwise.data.transforms import ToTensor, to_float
-from pixelwise.io import atomic_write, atomic_write_text, read_image, read_mask
+from pixelwise.io import atomic_write, atomic_write_text, make_temp_dir, read_image, read_mask
 
 Target = dict[str, Tensor]
 
@@ -317,8 +316,7 @@ def write_synthetic_instances(root: str | Path, n_train: int = 200, n_val: int =
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ValueError(f"folder {root} already exists and is not empty; delete it or pick another")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+    tmp = make_temp_dir(root)
     try:
         for split_id, (split, count) in enumerate((("train", n_train), ("val", n_val))):
             for i in range(count):
