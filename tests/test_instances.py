@@ -199,3 +199,19 @@ def test_isbi_cells_are_the_connected_components_of_the_cell_class() -> None:
     for m in masks[:: max(1, len(masks) // 20)]:  # each one 4-connected
         assert ndimage.label(m)[1] == 1
     assert len(masks) > 50
+
+
+def test_draw_instances_colours_each_instance_and_keeps_background() -> None:
+    from pixelwise.report import draw_instances, instance_colours
+
+    image = np.full((6, 8, 3), 100, np.uint8)
+    ids = np.zeros((6, 8), np.uint16)
+    ids[1:3, 1:3] = 1
+    ids[4:6, 5:8] = 2
+    out = draw_instances(image, ids, alpha=0.5)
+    colours = instance_colours(2)
+    assert colours[0] != colours[1]
+    assert (out[ids == 0] == 100).all()
+    for k in (1, 2):  # (1 - alpha) * 100 + alpha * colour, rounded
+        expected = np.round(0.5 * 100 + 0.5 * np.array(colours[k - 1], float)).astype(np.uint8)
+        assert (out[ids == k] == expected).all()
