@@ -254,7 +254,7 @@ def main() -> None:
         print(json.dumps(work(json.loads(args.worker))))
         return
 
-    specs = [parse_model(m, args.num_classes) for m in (args.models or list_models())]
+    specs = [parse_model(m, args.num_classes) for m in (args.models or list_models(kind="dense"))]
     unknown = [s["name"] for s in specs if s["name"] not in list_models()]
     if unknown:
         raise SystemExit(f"unknown models {unknown}; choose from {', '.join(list_models())}")

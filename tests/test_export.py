@@ -75,7 +75,7 @@ def small_options(name: str) -> dict[str, Any]:
 
 
 def variants() -> list[Any]:
-    cases = [(name, small_options(name)) for name in list_models() if spatial_dims(name) == 2]
+    cases = [(name, small_options(name)) for name in list_models(kind="dense") if spatial_dims(name) == 2]
     cases += [(name, options) for name, options in EXTRA_VARIANTS if name in MODELS]
     return [pytest.param(name, options, id="-".join([name, *map(str, options.values())])) for name, options in cases]
 

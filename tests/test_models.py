@@ -1,4 +1,4 @@
-"""One shared test over the registry: every model, any input size, forward and backward."""
+"""One shared test over the registry: every dense model, any input size, forward and backward."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from pixelwise.models import create_model, list_models, spatial_dims
 
-PLANAR_MODELS = [name for name in list_models() if spatial_dims(name) == 2]  # 3D models: tests/test_unet3d.py
+PLANAR_MODELS = [name for name in list_models(kind="dense") if spatial_dims(name) == 2]  # 3D models: tests/test_unet3d.py
 
 # Cheaper configurations for models whose defaults are slow on CPU; each default is counted
 # and checked in its own test file (DeconvNet: 252M parameters; Xception-65: test_deeplab.py).

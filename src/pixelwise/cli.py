@@ -105,6 +105,7 @@ def predict(
 ) -> None:
     """Segment images of any size; writes NAME_labels.png, NAME_colour.png and NAME_overlay.png.
 
+    Instance models write NAME_instances.png (instance ids), NAME_overlay.png and NAME_instances.json.
     Under torchrun (--nproc_per_node=N, and its multi-machine options) each rank predicts its own share.
     Volumes (.tif/.tiff stacks, .nii/.nii.gz) with a 3D model: writes NAME_labels.<same suffix>
     with the input's spacing / affine (--tile in voxels per side).
@@ -124,6 +125,14 @@ def predict(
         console.print(f"wrote {len(written)} label volumes to {out}")
         return
     mine = shard_images(images)
+    if _saved_task(model) == "instance":
+        from pixelwise.tasks.instance import predict_instance_files
+
+        if scales != "1" or flip or crf is not None or runtime != "torch" or resume:
+            raise ValueError("instance models predict at scale 1 with torch: drop --scales, --flip, --crf, --runtime and --resume")
+        written = predict_instance_files(mine, model, out, tile=tile, overlap=overlap, progress=True)
+        console.print(f"wrote {len(written)} predictions to {out}")
+        return
     written = predict_files(
         mine, model, out, tile=tile, overlap=overlap, scales=_scales(scales), flip=flip, crf=_crf(crf), runtime=runtime,
         progress=True, skip_existing=resume,
@@ -302,11 +311,24 @@ def serve(
     uvicorn.run(server, host=host, port=port, limit_concurrency=4 * max_jobs + 16, log_level="warning")
 
 
+def _saved_task(model: Path) -> str:
+    """The task a saved model was trained for (``extra["task"]`` of its JSON; "semantic" if absent,
+    leaving a missing file to the loader's error)."""
+    import json
+
+    meta = Path(model).with_suffix(".json")
+    if not meta.is_file():
+        return "semantic"
+    return json.loads(meta.read_text()).get("extra", {}).get("task", "semantic")
+
+
 def _print_summary(metrics: dict, run_dir: Path) -> None:
-    from pixelwise.report import per_class_table
+    from pixelwise.report import ap_table, per_class_table
 
     if "per_class" in metrics:
         console.print(per_class_table(metrics))
+    if "mask_ap" in metrics:
+        console.print(ap_table(metrics))
     console.print(f"report written to {run_dir}")
 
 

@@ -121,31 +121,69 @@ def make_synthetic_sample(
     Returns:
         RGB image uint8 (H, W, 3) and mask uint8 (H, W) of class ids 0..K-1.
     """
+    h, w = _check_size(size, num_classes)
+    while True:  # redraw until every class stays visible after occlusion (rarely more than once)
+        image, mask, _, _ = _draw_shapes(rng, h, w, num_classes)
+        counts = np.bincount(mask.ravel(), minlength=num_classes)
+        if (counts[1:] >= MIN_SHARE * h * w).all():
+            break
+    return _add_noise(rng, image), mask
+
+
+def make_synthetic_instances(
+    rng: np.random.Generator, size: tuple[int, int] = (96, 128), num_classes: int = 4
+) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
+    """Like :func:`make_synthetic_sample`, but each shape is an instance that keeps >= 1% of the image visible.
+
+    Returns:
+        RGB image uint8 (H, W, 3), instance ids uint16 (H, W) (0 background, 1..n shapes in
+        drawing order, every id present) and ``{instance id: class id}``.
+    """
+    h, w = _check_size(size, num_classes)
+    while True:
+        image, _, ids, classes = _draw_shapes(rng, h, w, num_classes)
+        counts = np.bincount(ids.ravel(), minlength=len(classes) + 1)
+        if (counts[1:] >= MIN_SHARE * h * w).all():
+            break
+    return _add_noise(rng, image), ids.astype(np.uint16), classes
+
+
+def _check_size(size: tuple[int, int], num_classes: int) -> tuple[int, int]:
     if not 2 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be in 2..{MAX_CLASSES} (background + shapes), got {num_classes}")
     h, w = size
     if min(h, w) < 32:
         raise ValueError(f"size must be at least 32x32, got {size!r}")
+    return h, w
+
+
+def _draw_shapes(rng: np.random.Generator, h: int, w: int, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, int]]:
+    """One attempt: float RGB image in [0, 1], class mask, instance ids (later shapes occlude earlier ones), {id: class}."""
     shapes = num_classes - 1
-    while True:  # redraw until every class stays visible after occlusion (rarely more than once)
-        image = _background(rng, h, w)
-        mask = np.zeros((h, w), np.uint8)
-        classes = np.concatenate([np.arange(1, num_classes), rng.integers(1, num_classes, rng.integers(0, 3))])
-        for cls in rng.permutation(classes):
-            region = _draw_shape(rng, SHAPE_NAMES[cls - 1], h, w)
-            hue = (cls - 1) / shapes + rng.uniform(-HUE_JITTER, HUE_JITTER) / shapes
-            if rng.random() < OFF_HUE:
-                hue = rng.random()
-            sat, val = rng.uniform(*SHAPE_SATURATION), rng.uniform(0.5, 1.0)
-            texture = cv2.resize(rng.random((h // 4 + 1, w // 4 + 1)), (w, h), interpolation=cv2.INTER_LINEAR)
-            colour = _hsv_to_rgb(np.full((h, w), hue), np.full((h, w), sat), np.clip(val - 0.15 * texture, 0, 1))
-            image[region] = colour[region]
-            mask[region] = cls
-        counts = np.bincount(mask.ravel(), minlength=num_classes)
-        if (counts[1:] >= MIN_SHARE * h * w).all():
-            break
+    image = _background(rng, h, w)
+    mask = np.zeros((h, w), np.uint8)
+    ids = np.zeros((h, w), np.int64)
+    instance_classes = {}
+    classes = np.concatenate([np.arange(1, num_classes), rng.integers(1, num_classes, rng.integers(0, 3))])
+    for k, cls in enumerate(rng.permutation(classes), 1):
+        region = _draw_shape(rng, SHAPE_NAMES[cls - 1], h, w)
+        hue = (cls - 1) / shapes + rng.uniform(-HUE_JITTER, HUE_JITTER) / shapes
+        if rng.random() < OFF_HUE:
+            hue = rng.random()
+        sat, val = rng.uniform(*SHAPE_SATURATION), rng.uniform(0.5, 1.0)
+        texture = cv2.resize(rng.random((h // 4 + 1, w // 4 + 1)), (w, h), interpolation=cv2.INTER_LINEAR)
+        colour = _hsv_to_rgb(np.full((h, w), hue), np.full((h, w), sat), np.clip(val - 0.15 * texture, 0, 1))
+        image[region] = colour[region]
+        mask[region] = cls
+        ids[region] = k
+        instance_classes[k] = int(cls)
+    return image, mask, ids, instance_classes
+
+
+def _add_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Float [0, 1] RGB -> uint8 with Gaussian noise (sigma 5 grey levels)."""
     image = image * 255 + rng.normal(0, 5, image.shape)
-    return np.clip(np.round(image), 0, 255).astype(np.uint8), mask
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
 def synthetic_classes(num_classes: int) -> ClassInfo:

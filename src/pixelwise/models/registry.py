@@ -20,9 +20,14 @@ Filled in :mod:`pixelwise.models` from the model files, one line per model.
 """
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`, sorted."""
-    return sorted(MODELS)
+def model_kind(name: str) -> str:
+    """What a model returns: ``"dense"`` ((N, K, H, W) logits) or ``"detection"`` (per-image instance dicts)."""
+    return getattr(get_builder(name), "kind", "dense")
+
+
+def list_models(kind: str | None = None) -> list[str]:
+    """Names accepted by :func:`create_model`, sorted; only those of ``kind`` (see :func:`model_kind`) if given."""
+    return sorted(n for n in MODELS if kind is None or getattr(MODELS[n], "kind", "dense") == kind)
 
 
 def spatial_dims(name: str) -> int:
@@ -45,9 +50,10 @@ def get_builder(name: str) -> Callable[..., nn.Module]:
 def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
     """Build a model by name.
 
-    The model maps (N, in_channels, H, W) float images to (N, num_classes, H, W) logits
-    for any H, W. Its creation arguments, defaults included, are kept in ``model.config``
-    so that :func:`save_model` / :func:`load_model` can rebuild it.
+    A dense model maps (N, in_channels, H, W) float images to (N, num_classes, H, W) logits
+    for any H, W (a 3D one, :func:`spatial_dims`, (N, C, D, H, W) volumes); a detection
+    model (:func:`model_kind`) returns instances. Its creation arguments, defaults included,
+    are kept in ``model.config`` so that :func:`save_model` / :func:`load_model` can rebuild it.
 
     Example:
         >>> model = create_model("unet", num_classes=3, base_channels=8)
