@@ -216,7 +216,7 @@ class Spatial(nn.Module):
 
 @pytest.mark.parametrize(("shape", "tile", "overlap", "blend"), [((3, 70, 45), 16, 0.5, "gaussian"),
                                                                   ((3, 33, 70), (12, 20), 0.25, "constant"),
-                                                                  ((3, 9, 11), 16, 0.25, "gaussian")])
+                                                                  ((3, 9, 11), (6, 16), 0.25, "gaussian")])
 def test_labels_equal_argmax_of_sliding_window(shape, tile, overlap, blend):
     model = Spatial().eval()
     image = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
@@ -311,28 +311,80 @@ def test_multiscale_equals_manual_resize_predict_resize():
     torch.testing.assert_close(predict_tta(model, image, scales=(1.0, 0.5, 1.5)), expected, atol=1e-6, rtol=0)
 
 
+def manual_tta(model, x, scales, flip):
+    """Mean over scales (and the horizontal flip) of resize -> softmax(model) -> resize back, written out."""
+    maps = []
+    for scale in scales:
+        size = (round(x.shape[-2] * scale), round(x.shape[-1] * scale))
+        small = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if scale != 1.0 else x
+        for flipped in (False, True) if flip else (False,):
+            probs = model(small.flip(-1) if flipped else small).softmax(1)
+            probs = probs.flip(-1) if flipped else probs
+            maps.append(F.interpolate(probs, size=x.shape[-2:], mode="bilinear", align_corners=False))
+    return sum(maps) / len(maps)
+
+
+def tiled_reference(model, image, tile, ys, xs, scales, flip, weight):
+    """Brute force: every window (hand-listed starts) through manual_tta, weighted sum / weight sum."""
+    total = torch.zeros(image.shape[0], 3, *image.shape[-2:], dtype=torch.float64)
+    count = torch.zeros(image.shape[-2:], dtype=torch.float64)
+    for y in ys:
+        for x in xs:
+            window = image[..., y : y + tile, x : x + tile]
+            total[..., y : y + tile, x : x + tile] += manual_tta(model, window, scales, flip) * weight
+            count[y : y + tile, x : x + tile] += weight
+    return (total / count).float()
+
+
+def test_tta_is_applied_to_every_tile():
+    image = torch.randn(1, 3, 16, 24, generator=torch.Generator().manual_seed(10))
+    model = LeftRight()  # not flip-equivariant: the flip matters
+    tiled = predict_tta(model, image, scales=(1.0, 0.75), flip=True, tile=8, overlap=0.5, batch=2, blend="constant")
+    expected = tiled_reference(model, image, 8, [0, 4, 8], [0, 4, 8, 12, 16], (1.0, 0.75), True, torch.ones(8, 8))
+    torch.testing.assert_close(tiled, expected, atol=1e-6, rtol=0)
+    # a tile covering the image is whole-image TTA
+    torch.testing.assert_close(predict_tta(model, image, scales=(1.0, 0.75), flip=True, tile=(16, 24)),
+                               manual_tta(model, image, (1.0, 0.75), True), atol=1e-6, rtol=0)
+
+
 def test_tta_with_tiles_and_valid_model():
-    image = torch.randn(1, 3, 30, 26, generator=torch.Generator().manual_seed(10))
-    model = Pointwise()
-    whole = predict_tta(model, image, scales=(1.0, 0.75), flip=True)
-    tiled = predict_tta(model, image, scales=(1.0, 0.75), flip=True, tile=8, overlap=0.5, batch=2)
-    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
-    valid, grey = ValidCorners(3), image[:, :1]
-    reference = valid_reference(grey, 3, "reflect")
-    torch.testing.assert_close(predict_tta(valid, grey), reference, atol=1e-5, rtol=0)  # forward
-    torch.testing.assert_close(predict_tta(valid, grey, tile=12), reference, atol=1e-5, rtol=0)  # forward_valid
+    image = torch.randn(1, 1, 30, 26, generator=torch.Generator().manual_seed(10))
+    valid = ValidCorners(3)
+    reference = valid_reference(image, 3, "reflect")
+    torch.testing.assert_close(predict_tta(valid, image), reference, atol=1e-5, rtol=0)  # forward
+    torch.testing.assert_close(predict_tta(valid, image, tile=12), reference, atol=1e-5, rtol=0)  # forward_valid
+    with pytest.raises(ValueError, match="same-size model"):
+        predict_tta(valid, image, scales=(1.0, 0.5), tile=12)
+
+
+def test_tile_larger_than_the_image_is_clamped_to_it():
+    sizes = []
+
+    def recording(x):
+        sizes.append(tuple(x.shape[-2:]))
+        return mult_two(x)
+
+    image = torch.randn(1, 3, 64, 40, generator=torch.Generator().manual_seed(12))
+    probs = sliding_window(recording, image, tile=4096)
+    assert sizes == [(64, 40)]  # one window, the image itself: no 4096 x 4096 padding
+    torch.testing.assert_close(probs, (2 * image).softmax(1), atol=1e-6, rtol=0)
+    sizes.clear()
+    sliding_window_labels(recording, image[0], tile=(32, 4096), overlap=0.5)
+    assert sorted(set(sizes)) == [(32, 40)]
 
 
 def test_predict_picks_the_path():
     image = torch.randn(1, 3, 19, 24, generator=torch.Generator().manual_seed(11))
-    model = Spatial()
+    model = LeftRight()
     with torch.no_grad():
         whole = model(image).softmax(1)
     plain = inference.predict(model, image)
     torch.testing.assert_close(plain, whole, atol=1e-6, rtol=0)
     assert not plain.is_inference()
     tiled = inference.predict(model, image, tile=10, overlap=0.5, batch=3, scales=(1.0, 0.5), flip=True)
-    expected = predict_tta(model, image, scales=(1.0, 0.5), flip=True, tile=10, overlap=0.5)
+    gaussian = torch.exp(-((torch.arange(10.0, dtype=torch.float64) - 4.5) ** 2) / (2 * 1.25**2))
+    weight = (gaussian[:, None] * gaussian).clamp(min=1e-3)  # importance map: sigma = 0.125 * 10, peak 1
+    expected = tiled_reference(model, image, 10, [0, 5, 9], [0, 5, 10, 14], (1.0, 0.5), True, weight)
     torch.testing.assert_close(tiled, expected, atol=1e-6, rtol=0)
     assert (tiled - whole).abs().max() > 1e-3
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,45 @@ def _probabilities(logits: torch.Tensor) -> torch.Tensor:
     return logits.sigmoid() if logits.shape[1] == 1 else logits.softmax(1)
 
 
+def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    scales = tuple(scales)
+    if not scales or not all(
+        isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in scales
+    ):
+        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}.")
+    return scales
+
+
+def _augmented_probs(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    margin: int,
+    who: str,
+    scales: tuple[float, ...],
+    flip: bool,
+) -> torch.Tensor:
+    """Probabilities of (B, C, h, w) inputs averaged over test-time augmentations: (B, K, h - 2m, w - 2m).
+
+    For each scale the input is resized (bilinear) to ``round(h * s), round(w * s)``, run,
+    and its probabilities resized back; with ``flip`` the horizontally flipped input is run
+    too and its probabilities flipped back. The mean of ``len(scales) * (1 + flip)`` maps.
+    ``margin`` is the pixels a valid-convolution ``run`` loses per side (0: same size).
+    """
+    size = (x.shape[-2] - 2 * margin, x.shape[-1] - 2 * margin)
+    total: torch.Tensor | None = None
+    for scale in scales:
+        scaled = resize_to(x, (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale))))
+        for flipped in (False, True) if flip else (False,):
+            inputs = scaled.flip(-1) if flipped else scaled
+            with torch.inference_mode():
+                logits = run(inputs)
+            expected = (inputs.shape[-2] - 2 * margin, inputs.shape[-1] - 2 * margin)
+            probs = _probabilities(_checked(logits, inputs, expected, who))
+            probs = resize_to(probs.flip(-1) if flipped else probs, size)
+            total = probs if total is None else total + probs
+    return total / (len(scales) * (2 if flip else 1))
+
+
 def _finished_strips(
     model: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
@@ -227,20 +267,33 @@ def _finished_strips(
     blend: str,
     pad: str,
     sigma_scale: float,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Run the model tile by tile over (N, C, H, W) and yield ``(row, probs (N, K, rows, W))`` top to bottom.
 
     The one implementation of tiling and blending. One strip of windows (same top row) is
     run at a time; rows no later window touches are divided by their accumulated weight,
     cropped to the image and yielded, so only an ``out_h``-row buffer is ever held.
+    Test-time augmentation (``scales``, ``flip``) is applied to each batch of tiles, so
+    it costs no memory beyond that batch. A same-size model's tile is clamped to the
+    image: a larger tile would only run the model over padding.
     """
     _check_options(overlap, batch, blend, pad, sigma_scale)
+    scales = _check_scales(scales)
     if image.ndim != 4 or not image.is_floating_point():
         raise ValueError(f"image must be a float tensor (N, C, H, W), got {tuple(image.shape)} {image.dtype}.")
     margin = _valid_margin(model)
     tile_h, tile_w = _validated_tile(tile, margin or 0)
     run, run_name = (model.forward_valid, "forward_valid") if margin is not None else (model, "the model")
     n_img, _, height, width = image.shape
+    if margin is None:
+        tile_h, tile_w = min(tile_h, height), min(tile_w, width)
+    elif scales != (1.0,):
+        raise ValueError(
+            f"scales={scales} with tiles needs a same-size model: a valid-convolution model's output tile "
+            "does not scale with its input; use scales=(1.0,) or tile=None (whole image)."
+        )
     ay = _Axis.plan(height, tile_h, margin or 0, overlap)
     ax = _Axis.plan(width, tile_w, margin or 0, overlap)
     weight = importance_map(ay.out, ax.out, blend, sigma_scale, image.device)
@@ -257,9 +310,7 @@ def _finished_strips(
         for b in range(0, len(jobs), batch):
             chunk = jobs[b : b + batch]
             tiles = torch.stack([strip[n, :, :, x : x + tile_w] for n, x in chunk])
-            with torch.inference_mode():
-                logits = run(tiles)
-            probs = _probabilities(_checked(logits, tiles, (ay.out, ax.out), run_name))
+            probs = _augmented_probs(run, tiles, margin or 0, run_name, scales, flip)
             if acc is None:
                 dtype = torch.promote_types(probs.dtype, torch.float32)
                 acc = _StripAccumulator(n_img, probs.shape[1], weight.to(dtype), ax.core)
@@ -290,14 +341,17 @@ def sliding_window(
     blend: str = "gaussian",
     pad: str = "reflect",
     sigma_scale: float = 0.125,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
 ) -> torch.Tensor:
     """Probabilities (N, K, H, W) of a model run tile by tile over images of any size.
 
     Windows advance by ``max(1, int(out * (1 - overlap)))`` where ``out`` is the model's
     output tile (``tile``, or ``tile - 2 * valid_margin``); the last one is snapped to the
-    border. An image smaller than the output tile is padded symmetrically up to it, and a
-    valid-convolution model's input is further padded by its margin. Overlapping tile
-    probabilities are averaged with the importance map's weights.
+    border. A same-size model's tile is clamped to the image (``tile=4096`` on a 64 x 64
+    image runs one 64 x 64 window). An image smaller than a valid-convolution model's
+    output tile is padded symmetrically up to it, and its input further by the margin.
+    Overlapping tile probabilities are averaged with the importance map's weights.
 
     Args:
         model: callable (B, C, h, w) -> (B, K, h, w) logits, or a valid-convolution model
@@ -314,6 +368,10 @@ def sliding_window(
         pad: ``"reflect"`` (default) mirrors the border (the U-Net overlap-tile strategy);
             ``"constant"`` pads with zeros.
         sigma_scale: Gaussian sigma as a fraction of the output tile side. Default 0.125.
+        scales: test-time augmentation per tile: each batch of tiles is resized by every
+            scale, run, and its probabilities resized back and averaged (same-size models
+            only). Default (1.0,).
+        flip: also average each tile's probabilities with those of its horizontal mirror.
 
     Returns:
         Probabilities (N, K, H, W): softmax over K, or sigmoid when K == 1.
@@ -322,7 +380,8 @@ def sliding_window(
         >>> probs = sliding_window(model.eval(), image, tile=512, overlap=0.5)
     """
     out: torch.Tensor | None = None
-    for row, probs in _finished_strips(model, image, tile, overlap, batch, blend, pad, sigma_scale):
+    strips = _finished_strips(model, image, tile, overlap, batch, blend, pad, sigma_scale, scales, flip)
+    for row, probs in strips:
         if out is None:
             out = probs.new_empty(image.shape[0], probs.shape[1], *image.shape[-2:])
         out[:, :, row : row + probs.shape[2]] = probs
@@ -339,13 +398,16 @@ def sliding_window_labels(
     blend: str = "gaussian",
     pad: str = "reflect",
     sigma_scale: float = 0.125,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
 ) -> torch.Tensor:
     """Label map (H, W) of one image (C, H, W) in bounded memory.
 
     Same tiling and blending as :func:`sliding_window` (one implementation); rows are
     argmaxed as soon as no later window touches them, so besides the input and the labels
     only a K x out_h x W probability strip, a C x tile_h x W input strip and one batch of
-    tiles are held: peak memory O((K + C) * tile_h * W), not O(K * H * W).
+    (augmented) tiles are held: peak memory O((K + C) * tile_h * W), not O(K * H * W), with
+    or without test-time augmentation.
     Labels are uint8 for K <= 256, int16 for K <= 32768, else int64; for a single-channel
     (sigmoid) model they are ``probability > 0.5`` as 0/1.
     Arguments as in :func:`sliding_window`.
@@ -353,7 +415,8 @@ def sliding_window_labels(
     if image.ndim != 3:
         raise ValueError(f"image must be one image (C, H, W), got shape {tuple(image.shape)}; use image[i].")
     labels: torch.Tensor | None = None
-    for row, probs in _finished_strips(model, image[None], tile, overlap, batch, blend, pad, sigma_scale):
+    strips = _finished_strips(model, image[None], tile, overlap, batch, blend, pad, sigma_scale, scales, flip)
+    for row, probs in strips:
         k = probs.shape[1]
         if labels is None:
             dtype = torch.uint8 if k <= 256 else torch.int16 if k <= 32768 else torch.int64
@@ -374,42 +437,33 @@ def predict_tta(
 ) -> torch.Tensor:
     """Test-time augmentation: probabilities (N, K, H, W) averaged over scales and flips.
 
-    For each scale the image is resized (bilinear) to ``round(H * s), round(W * s)``, run
-    through the model (whole image when ``tile`` is None, else :func:`sliding_window`),
-    and the probabilities are resized back to (H, W). With ``flip`` the horizontally
-    flipped image is run too and its probabilities flipped back. The result is the mean
-    of all ``len(scales) * (1 + flip)`` probability maps. ``predict_tta(model, image)``
-    is plain whole-image prediction.
+    Without ``tile`` the whole image is resized (bilinear) to ``round(H * s), round(W * s)``
+    for each scale, run through one ``model(x)`` call (the model's own forward, which must
+    accept any size), and its probabilities are resized back to (H, W); with ``flip`` the
+    horizontally flipped image is run too and its probabilities flipped back. The result is
+    the mean of all ``len(scales) * (1 + flip)`` probability maps.
+    ``predict_tta(model, image)`` is plain whole-image prediction.
+
+    With ``tile`` the same augmentation is applied to every tile of
+    :func:`sliding_window` before blending, so memory stays bounded by a strip of tiles.
 
     Args:
         model: as in :func:`sliding_window` (eval mode, on the image's device).
         image: (N, C, H, W) float tensor.
         scales: positive resize factors. Default (1.0,).
         flip: also average over the horizontal flip. Default False.
-        tile: sliding-window tile; None runs the whole (resized) image through one
-            ``model(x)`` call (the model's own forward, which must accept any size).
+        tile: sliding-window tile; None runs the whole image.
         **sliding_kwargs: ``overlap``, ``batch``, ``blend``, ``pad``, ``sigma_scale`` of
             :func:`sliding_window`; only with ``tile``.
     """
-    scales = tuple(scales)
-    if not scales or not all(
-        isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in scales
-    ):
-        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}.")
+    scales = _check_scales(scales)
     if tile is None and sliding_kwargs:
         raise ValueError(f"{sorted(sliding_kwargs)} only apply to sliding-window prediction; pass tile=... too.")
     if image.ndim != 4:
         raise ValueError(f"image must be (N, C, H, W), got shape {tuple(image.shape)}.")
-    size = tuple(image.shape[-2:])
-    total: torch.Tensor | None = None
-    for scale in scales:
-        scaled = resize_to(image, (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))))
-        for flipped in (False, True) if flip else (False,):
-            x = scaled.flip(-1) if flipped else scaled
-            probs = _whole_image(model, x) if tile is None else sliding_window(model, x, tile, **sliding_kwargs)
-            probs = resize_to(probs.flip(-1) if flipped else probs, size)
-            total = probs if total is None else total + probs
-    return total / (len(scales) * (2 if flip else 1))
+    if tile is not None:
+        return sliding_window(model, image, tile, scales=scales, flip=flip, **sliding_kwargs)
+    return _augmented_probs(model, image, 0, "the model", scales, flip)
 
 
 def predict(
@@ -436,14 +490,6 @@ def predict(
     return predict_tta(model, image, scales=scales, flip=flip, tile=tile, overlap=overlap, batch=batch)
 
 
-@torch.no_grad()
-def _whole_image(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor) -> torch.Tensor:
-    """Probabilities of one ``model(image)`` call (its own forward: any size, valid models included)."""
-    with torch.inference_mode():
-        logits = model(image)
-    return _probabilities(_checked(logits, image, tuple(image.shape[-2:]), "the model"))
-
-
 # ---------------------------------------------------------------------------------------
 # Files in, files out (the CLI's `predict`)
 # ---------------------------------------------------------------------------------------
@@ -467,7 +513,14 @@ def predict_files(
     For each ``NAME.ext`` writes into ``out``: ``NAME_labels.png`` (class ids, palette
     attached), ``NAME_colour.png`` (class colours) and ``NAME_overlay.png`` (colours
     over the image). ``runtime`` is ``"torch"``, ``"compile"`` or ``"onnx"``
-    (see :func:`pixelwise.export.prepare_for_cpu`; ONNX needs ``tile``, the exported size).
+    (see :func:`pixelwise.export.prepare_for_cpu`; ONNX needs ``tile`` and exports one
+    graph per tile size it meets: the tile, clamped tiles of smaller images, TTA scales).
+
+    With ``tile`` (and no ``crf``) labels come strip by strip from
+    :func:`sliding_window_labels`: besides the image (uint8 and normalised float) and its
+    labels, memory holds one strip of tiles, never a K x H x W array, TTA included. The
+    dense CRF needs the whole K x H x W probabilities; it is refused, saying what it needs,
+    when that exceeds the memory available.
     """
     from PIL import Image
     from rich.progress import track
@@ -487,7 +540,10 @@ def predict_files(
     model, extra = load_model(model_path)
     model.eval()
     in_channels = model.config["in_channels"]
-    predictor = prepare_for_cpu(model, runtime, tile=tile)
+    if runtime == "onnx":
+        predictor = _PerInputSize(lambda size: prepare_for_cpu(model, "onnx", tile=size))
+    else:
+        predictor = prepare_for_cpu(model, runtime)
     normalise = ToTensor(extra.get("mean"), extra.get("std"))
     palette = extra.get("palette") or [(0, 0, 0), (255, 255, 255)]
     out = Path(out)
@@ -497,19 +553,72 @@ def predict_files(
         raw = read_image(path)
         if raw.shape[-1] != in_channels:
             raise ValueError(f"image {path} has {raw.shape[-1]} channel(s) but the model takes {in_channels}")
-        x = torch.from_numpy(normalise.normalise(to_float(raw)).transpose(2, 0, 1).copy())[None]
-        probs = predict(predictor, x, tile=tile, overlap=overlap, scales=scales, flip=flip)[0]
         if crf is not None:
-            from pixelwise.crf import dense_crf
-            from pixelwise.report import _as_rgb_uint8
+            _check_crf_memory(path, raw.shape[:2], len(palette))
+        x = torch.empty(in_channels, *raw.shape[:2])
+        for rows in _bands(raw.shape[0]):
+            x[:, rows] = torch.from_numpy(normalise.normalise(to_float(raw[rows]))).permute(2, 0, 1)
+        if tile is not None and crf is None:
+            labels = sliding_window_labels(predictor, x, tile, overlap=overlap, scales=scales, flip=flip)
+        else:
+            probs = predict(predictor, x[None], tile=tile, overlap=overlap, scales=scales, flip=flip)[0]
+            if crf is not None:
+                from pixelwise.crf import dense_crf
+                from pixelwise.report import _as_rgb_uint8
 
-            probs = torch.from_numpy(dense_crf(_as_rgb_uint8(raw), probs.numpy(), preset=crf))
-        labels = (probs[0] > 0.5).long() if probs.shape[0] == 1 else probs.argmax(0)
-        labels = labels.numpy().astype(np.uint8 if len(palette) <= 256 else np.int64)
+                probs = torch.from_numpy(dense_crf(_as_rgb_uint8(raw), probs.numpy(), preset=crf))
+            labels = (probs[0] > 0.5) if probs.shape[0] == 1 else probs.argmax(0)
+            del probs
+        del x
+        labels = labels.numpy().astype(np.uint8 if len(palette) <= 256 else np.int64, copy=False)
         label_path = out / f"{path.stem}_labels.png"
         write_mask(label_path, labels, palette)
-        for suffix, rgb in (("colour", colorize(labels, palette)), ("overlay", overlay(raw, labels, palette))):
+        for suffix, paint in (("colour", lambda r: colorize(labels[r], palette)),
+                              ("overlay", lambda r: overlay(raw[r], labels[r], palette))):
+            rgb = np.empty((*labels.shape, 3), np.uint8)
+            for rows in _bands(labels.shape[0]):  # colorize/overlay make float64 copies: bound them
+                rgb[rows] = paint(rows)
             picture = Image.fromarray(rgb)
+            del rgb
             atomic_write(out / f"{path.stem}_{suffix}.png", lambda tmp, p=picture: p.save(tmp, format="PNG"))
+            del picture
         written.append(label_path)
     return written
+
+
+def _bands(height: int, rows: int = 512) -> Iterator[slice]:
+    """Row slices of at most ``rows`` rows covering ``[0, height)``: per-band work keeps copies small."""
+    return (slice(top, min(top + rows, height)) for top in range(0, height, rows))
+
+
+class _PerInputSize:
+    """A predictor that builds (and keeps) one inner predictor per input (h, w): ONNX graphs have one fixed size."""
+
+    def __init__(self, build: Callable[[tuple[int, int]], Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        self.build = build
+        self.built: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        size = (x.shape[-2], x.shape[-1])
+        if size not in self.built:
+            self.built[size] = self.build(size)
+        return self.built[size](x)
+
+
+def _check_crf_memory(path: Path, size: tuple[int, int], num_classes: int) -> None:
+    """Refuse a dense CRF whose full-image arrays would not fit in the memory available now.
+
+    pydensecrf holds the unary and about four more K x H x W float32 arrays (probabilities,
+    marginals and mean-field buffers): ``5 * 4 * K * H * W`` bytes.
+    """
+    need = 5 * 4 * max(num_classes, 2) * size[0] * size[1]
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no way to ask, let it run
+        return
+    if need > available:
+        raise ValueError(
+            f"--crf on {path} ({size[0]} x {size[1]}, {num_classes} classes) needs about {need / 2**30:.1f} GiB "
+            f"(the dense CRF holds every pixel's K class probabilities at once); only {available / 2**30:.1f} GiB "
+            "is available: drop --crf, or crop or downscale the image"
+        )
