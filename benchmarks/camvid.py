@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from pixelwise.data import eval_transform, open_dataset
-from pixelwise.evaluation import evaluate
 from pixelwise.models import load_model
 from pixelwise.report import format_metrics
+from pixelwise.tasks import get_task
 from pixelwise.training import TrainConfig, train
 
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
@@ -59,7 +59,7 @@ def main() -> None:
     train_minutes = (time.monotonic() - started) / 60
     model, _ = load_model(args.out / "model_best.safetensors")
     val = open_dataset(cfg.data, "val", transform=eval_transform(MEAN, STD))
-    metrics = evaluate(model, val, scales=(args.eval_scale,)).metrics
+    metrics = get_task("semantic").evaluate(model, val, scales=(args.eval_scale,)).metrics
     params = sum(p.numel() for p in model.parameters())
     print(format_metrics(metrics))
     print()

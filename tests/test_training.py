@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import pixelwise.training as training
+from pixelwise.tasks import semantic
 from pixelwise.data import write_synthetic_dataset
 from pixelwise.training import TrainConfig, load_config, train
 
@@ -78,13 +80,13 @@ def test_edges_task_trains_hed_on_class_boundaries(tiny_data, tmp_path) -> None:
 
 def test_median_frequency_weights_reach_the_loss(tiny_data, tmp_path, monkeypatch) -> None:
     seen = {}
-    real = training.build_loss
+    real = semantic.build_loss
 
     def spy(name, **kw):
         seen.update(kw)
         return real(name, **kw)
 
-    monkeypatch.setattr(training, "build_loss", spy)
+    monkeypatch.setattr(semantic, "build_loss", spy)
     train(_config(tiny_data, tmp_path, epochs=1, class_weights="median_frequency"), progress=False)
     weights = seen["class_weights"]
     assert weights.shape == (4,) and torch.isfinite(weights).all()
@@ -137,14 +139,24 @@ def test_example_configs_are_valid(path: Path) -> None:
 
 def test_unet_weight_map_reaches_the_loss(tiny_data, tmp_path, monkeypatch) -> None:
     seen = []
-    real = training._loss
+    real = semantic.build_loss
 
-    def spy(criterion, logits, target, weights, pixel_weights):
-        seen.append((pixel_weights, weights.clone()))
-        return real(criterion, logits, target, weights, pixel_weights)
+    def spy(name, **kw):
+        criterion = real(name, **kw)
 
-    monkeypatch.setattr(training, "_loss", spy)
+        def call(logits, target, **extra):
+            seen.append(extra.get("pixel_weights"))
+            return criterion(logits, target, **extra)
+
+        return SimpleNamespace(to=lambda device: call)
+
+    monkeypatch.setattr(semantic, "build_loss", spy)
     train(_config(tiny_data, tmp_path, epochs=1, unet_weight_map=True), progress=False)
-    assert seen and all(flag for flag, _ in seen)
-    weights = torch.cat([w.flatten() for _, w in seen])
+    assert seen and all(w is not None for w in seen)
+    weights = torch.cat([w.flatten() for w in seen])
     assert weights.min() > 0 and weights.max() > 1.5  # not all ones: class balance and border terms
+
+
+def test_unknown_task_names_the_known_ones(tiny_data, tmp_path) -> None:
+    with pytest.raises(ValueError, match="task='instances' is not known; use one of edges, semantic"):
+        _config(tiny_data, tmp_path, task="instances")

@@ -63,18 +63,17 @@ def evaluate_cmd(
     crf: Crf = None,
 ) -> None:
     """Evaluate a trained model: per-class IoU table, metrics.json, confusion matrix, overlays."""
-    from pixelwise.data import eval_transform, open_dataset
-    from pixelwise.evaluation import evaluate
     from pixelwise.models import load_model
-    from pixelwise.report import write_eval_report
+    from pixelwise.tasks import get_task
 
     net, extra = load_model(model)
-    dataset = open_dataset(data, split, transform=eval_transform(mean=extra.get("mean"), std=extra.get("std")))
-    result = evaluate(
-        net, dataset, task=extra.get("task", "semantic"), tile=tile, overlap=overlap, scales=_scales(scales), flip=flip,
-        crf=crf, mean=extra.get("mean"), std=extra.get("std"), keep_samples=4, progress=True,
+    task = get_task(extra.get("task", "semantic"))
+    dataset = task.open_eval(data, split, extra)
+    result = task.evaluate(
+        net, dataset, tile=tile, overlap=overlap, scales=_scales(scales), flip=flip, crf=crf, mean=extra.get("mean"),
+        std=extra.get("std"), keep_samples=4, progress=True,
     )
-    metrics = write_eval_report(out, result, dataset.class_names, dataset.palette)
+    metrics = task.write_report(out, result, dataset)
     _print_summary(metrics, out)
 
 

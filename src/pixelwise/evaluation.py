@@ -1,16 +1,19 @@
-"""Evaluate a model on a data set: inference (tiles, TTA, CRF) -> one confusion matrix -> metrics."""
+"""Evaluate a model on a data set: inference (tiles, TTA, CRF) -> a scorer -> metrics.
+
+The scorer decides what is measured (a confusion matrix for classes, a boundary F-score for
+edges); the task objects in :mod:`pixelwise.tasks` pick it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from pixelwise.inference import predict
-from pixelwise.metrics import BoundaryFScore, ConfusionMatrix, label_boundaries
 
 
 @dataclass
@@ -21,6 +24,22 @@ class EvalResult:
     metrics: dict[str, Any]
     confusion: torch.Tensor | None = None
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+class Scorer(Protocol):
+    """Accumulates a score over samples. ``sharded``: under DDP each rank scores only its own
+    samples and :meth:`all_reduce` sums them; otherwise every rank scores every sample."""
+
+    sharded: bool
+
+    def add(self, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Score (K, H, W) probabilities against (H, W) labels; return the (H, W) prediction."""
+
+    def all_reduce(self) -> None: ...
+
+    def compute(self) -> dict[str, Any]: ...
+
+    def confusion(self) -> torch.Tensor | None: ...
 
 
 def to_uint8_image(image: torch.Tensor, mean: list[float] | None = None, std: list[float] | None = None) -> np.ndarray:
@@ -37,8 +56,8 @@ def to_uint8_image(image: torch.Tensor, mean: list[float] | None = None, std: li
 def evaluate(
     model: nn.Module,
     dataset: Any,
+    scorer: Scorer,
     *,
-    task: str = "semantic",
     device: torch.device | str = "cpu",
     tile: int | None = None,
     overlap: float = 0.25,
@@ -54,43 +73,27 @@ def evaluate(
 ) -> EvalResult:
     """Run ``model`` over every sample of ``dataset`` (each (C, H, W) image, (H, W) labels).
 
-    ``task="semantic"`` gives pixel/class accuracy, IoU, mIoU, FWIoU and Dice;
-    ``task="edges"`` scores the sigmoid edge map against the label boundaries (ODS/OIS F).
-    ``crf`` names a :data:`pixelwise.crf.PRESETS` entry to refine soft predictions.
-    Under DDP each rank takes every ``world_size``-th sample and the confusion matrices are
-    summed; the edge score has no such reduction, so every rank scores all samples.
+    Each prediction goes through :func:`pixelwise.inference.predict` (``tile``, ``scales``,
+    ``flip``), then ``crf`` (a :data:`pixelwise.crf.PRESETS` name) if given, then ``scorer``.
+    ``mean``/``std`` undo the input normalisation for the CRF and the kept samples.
     """
     from rich.progress import track
 
-    if task not in ("semantic", "edges"):
-        raise ValueError(f"task={task!r}: use 'semantic' or 'edges'")
-    if crf is not None and task == "edges":
-        raise ValueError("crf refines class probabilities; it does not apply to edge maps (task='edges')")
     was_training = model.training
     model.eval()
-    ignore = dataset.ignore_index
-    scorer = BoundaryFScore() if task == "edges" else ConfusionMatrix(dataset.num_classes, ignore)
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    indices = range(len(dataset)) if task == "edges" else range(rank, len(dataset), world_size)
+    indices = range(rank, len(dataset), world_size) if scorer.sharded else range(len(dataset))
     for i in track(indices, description="evaluating", transient=True, disable=not progress):
         image, mask = dataset[i]
         probs = predict(model, image[None].to(device), tile=tile, overlap=overlap, scales=scales, flip=flip)[0].cpu()
         if crf is not None:
             from pixelwise.crf import dense_crf
 
-            rgb = to_uint8_image(image, mean, std)
-            probs = torch.from_numpy(dense_crf(rgb, probs.numpy(), preset=crf))
-        if task == "edges":
-            scorer.update(probs[0][None], label_boundaries(mask, ignore)[None])
-            pred = (probs[0] > 0.5).long()
-        else:
-            pred = probs.argmax(0)
-            scorer.update(pred[None], mask[None])
+            probs = torch.from_numpy(dense_crf(to_uint8_image(image, mean, std), probs.numpy(), preset=crf))
+        pred = scorer.add(probs, mask)
         if len(samples) < keep_samples:
             samples.append((to_uint8_image(image, mean, std), mask.numpy(), pred.numpy()))
-    if world_size > 1 and task == "semantic":
+    if world_size > 1 and scorer.sharded:
         scorer.all_reduce()
     model.train(was_training)
-    metrics = scorer.compute(getattr(dataset, "class_names", None)) if task == "semantic" else scorer.compute()
-    confusion = scorer.matrix.clone() if task == "semantic" else None
-    return EvalResult(metrics, confusion, samples)
+    return EvalResult(scorer.compute(), scorer.confusion(), samples)

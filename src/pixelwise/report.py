@@ -421,7 +421,8 @@ def write_run_report(run_dir: str | Path, cfg: Any, history: Sequence[Mapping[st
     """Report of a training run: ``history.png``, then the best model evaluated on the validation split.
 
     Loads ``run_dir/model_best.safetensors``, evaluates it on ``cfg.val_split`` of ``cfg.data``
-    (GPU when available) and writes the files of :func:`write_eval_report` into ``run_dir``.
+    (GPU when available) with the run's task and writes the task's report into ``run_dir``
+    (for the semantic task the files of :func:`write_eval_report`).
 
     Args:
         run_dir: The run folder written by :func:`pixelwise.training.train`.
@@ -434,17 +435,16 @@ def write_run_report(run_dir: str | Path, cfg: Any, history: Sequence[Mapping[st
     """
     import torch
 
-    from pixelwise.data import eval_transform, open_dataset
-    from pixelwise.evaluation import evaluate
     from pixelwise.models import load_model
+    from pixelwise.tasks import get_task
 
     run_dir = Path(run_dir)
     plot_history(run_dir / "history.png", history)
-    model, _ = load_model(run_dir / "model_best.safetensors")
+    model, extra = load_model(run_dir / "model_best.safetensors")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dataset = open_dataset(cfg.data, cfg.val_split, transform=eval_transform(mean=cfg.mean, std=cfg.std))
-    result = evaluate(
-        model.to(device), dataset, task=cfg.task, device=device, scales=tuple(cfg.val_scales), mean=cfg.mean, std=cfg.std,
-        keep_samples=4,
+    task = get_task(cfg.task)
+    dataset = task.open_eval(cfg.data, cfg.val_split, {**extra, "mean": cfg.mean, "std": cfg.std})
+    result = task.evaluate(
+        model.to(device), dataset, device=device, scales=tuple(cfg.val_scales), mean=cfg.mean, std=cfg.std, keep_samples=4,
     )
-    return write_eval_report(run_dir, result, dataset.class_names, dataset.palette)
+    return task.write_report(run_dir, result, dataset)

@@ -30,13 +30,10 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pixelwise.data import open_dataset, train_transform, eval_transform
-from pixelwise.evaluation import evaluate
 from pixelwise.io import atomic_write, atomic_write_text
-from pixelwise.losses import build_loss, class_pixel_counts, enet_weights, median_frequency_weights, unet_weight_map
-from pixelwise.metrics import label_boundaries
 from pixelwise.models import create_model, save_model
 from pixelwise.models.registry import get_builder
+from pixelwise.tasks import Task, get_task
 
 
 @dataclass
@@ -44,8 +41,9 @@ class TrainConfig:
     """Everything a run needs; a YAML file holds the same keys (see ``configs/``).
 
     ``data`` is a dataset spec for :func:`pixelwise.data.open_dataset` (``camvid:PATH``,
-    ``isbi2012:PATH``, ``voc:PATH``, ``cityscapes:PATH`` or a folder). ``task="edges"``
-    trains an edge detector (HED) on the class boundaries of the label maps.
+    ``isbi2012:PATH``, ``voc:PATH``, ``cityscapes:PATH`` or a folder). ``task`` names a
+    :mod:`pixelwise.tasks` entry: ``semantic``, or ``edges`` to train an edge detector (HED)
+    on the class boundaries of the label maps.
     ``val_scales`` are the test-time scales of validation (e.g. ``[0.5]`` for a model
     trained on half-size crops); ``max_minutes`` fits the poly schedule after every epoch
     so that training ends within the budget.
@@ -86,8 +84,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         get_builder(self.model)
-        if self.task not in ("semantic", "edges"):
-            raise ValueError(f"task={self.task!r}: use 'semantic' or 'edges'")
+        get_task(self.task)
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer={self.optimizer!r}: use 'sgd' or 'adamw'")
         for name in ("epochs", "batch_size", "accumulate", "val_every"):
@@ -151,42 +148,6 @@ def _init_distributed() -> tuple[int, int, torch.device, bool]:
     return rank, world, device, joined
 
 
-class _TrainView(nn.Module):
-    """Wraps a model so that ``forward`` returns the dict of main + aux logits (for DDP)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if hasattr(self.model, "forward_with_aux"):
-            return self.model.forward_with_aux(x)
-        return {"out": self.model(x)}
-
-
-class _Targets(Dataset):
-    """Adds the per-sample training target extras: U-Net weight maps or edge maps."""
-
-    def __init__(self, dataset: Dataset, task: str, weight_map: bool, ignore_index: int) -> None:
-        self.dataset, self.task, self.weight_map, self.ignore_index = dataset, task, weight_map, ignore_index
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image, mask = self.dataset[i]
-        if self.task == "edges":
-            edges = label_boundaries(mask, self.ignore_index).long()
-            edges[mask == self.ignore_index] = self.ignore_index
-            mask = edges
-        if self.weight_map:
-            binary = (mask == 1).numpy()
-            weights = torch.from_numpy(unet_weight_map(binary))
-        else:
-            weights = torch.ones(mask.shape)
-        return image, mask, weights
-
-
 def _seed_everything(seed: int, dataset: Dataset) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -232,22 +193,6 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
 # ---------------------------------------------------------------------------------------
 
 
-def _class_weights(cfg: TrainConfig, dataset: Any, num_classes: int) -> torch.Tensor | None:
-    if cfg.class_weights is None:
-        return None
-    if isinstance(cfg.class_weights, list):
-        if len(cfg.class_weights) != num_classes:
-            raise ValueError(f"class_weights has {len(cfg.class_weights)} values; the data set has {num_classes} classes")
-        return torch.tensor(cfg.class_weights, dtype=torch.float32)
-    if cfg.class_weights not in ("median_frequency", "enet"):
-        raise ValueError(f"class_weights={cfg.class_weights!r}: use 'median_frequency', 'enet' or a list of numbers")
-    masks = (dataset.read_mask_ids(mask_path) for _, mask_path in dataset.files)
-    counts, present = class_pixel_counts(masks, num_classes, dataset.ignore_index)
-    if cfg.class_weights == "enet":
-        return enet_weights(counts)
-    return median_frequency_weights(counts, present)
-
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data``; returns ``{"history", "best", "run_dir", "rank", ...}``.
 
@@ -263,41 +208,23 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if resume and not ckpt_path.is_file():
         raise ValueError(f"cannot resume: {str(ckpt_path)!r} does not exist; train without --resume first")
 
-    crop = tuple(cfg.crop_size) if cfg.crop_size else None
-    train_set = open_dataset(
-        cfg.data,
-        cfg.train_split,
-        transform=train_transform(
-            crop_size=crop,
-            scale_range=tuple(cfg.scale_range),
-            hflip=cfg.hflip,
-            color_jitter=cfg.color_jitter,
-            elastic=cfg.elastic,
-            mean=cfg.mean,
-            std=cfg.std,
-        ),
-    )
-    val_set = open_dataset(cfg.data, cfg.val_split, transform=eval_transform(mean=cfg.mean, std=cfg.std))
-    ignore = train_set.ignore_index
-    edges = cfg.task == "edges"
-    num_classes = 1 if edges else train_set.num_classes
+    task = get_task(cfg.task)
+    train_set, val_set = task.datasets(cfg)
     in_channels = train_set[0][0].shape[0]
 
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=num_classes, in_channels=in_channels, **cfg.model_args).to(device)
-    weights = _class_weights(cfg, train_set, num_classes) if not edges else None
-    loss_name = "hed_bce" if edges and cfg.loss == "ce" else cfg.loss
-    criterion = build_loss(loss_name, ignore_index=ignore, class_weights=weights).to(device)
+    model = create_model(cfg.model, num_classes=task.output_channels(train_set), in_channels=in_channels, **cfg.model_args)
+    model = model.to(device)
+    task.setup(cfg, train_set, model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    targets = _Targets(train_set, cfg.task, cfg.unet_weight_map, ignore)
-    per_rank = len(targets) // world  # equal on every rank, so DDP ranks step together
+    per_rank = len(train_set) // world  # equal on every rank, so DDP ranks step together
     if per_rank < 1:
-        raise ValueError(f"the training split of {cfg.data!r} has {len(targets)} samples, fewer than {world} processes")
+        raise ValueError(f"the training split of {cfg.data!r} has {len(train_set)} samples, fewer than {world} processes")
     drop_last = per_rank >= cfg.batch_size
     batches = per_rank // cfg.batch_size if drop_last else 1
     steps_per_epoch = math.ceil(batches / cfg.accumulate)
@@ -314,40 +241,35 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         schedule["total_steps"] = meta["total_steps"]
         start_epoch, history, best = meta["epoch"] + 1, meta["history"], meta["best"]
 
-    view: nn.Module = _TrainView(model)
+    module = task.train_module(model)
     if world > 1:
-        view = nn.parallel.DistributedDataParallel(view, device_ids=[device.index] if device.type == "cuda" else None)
-    extra = {
-        "class_names": train_set.class_names if not edges else ["edge"],
-        "palette": train_set.palette if not edges else [(255, 255, 255)],
-        "ignore_index": ignore,
-        "mean": cfg.mean,
-        "std": cfg.std,
-        "task": cfg.task,
-    }
+        module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    extra = {**task.model_extra(train_set, cfg), "task": cfg.task}
     started = time.monotonic()
     total_epochs = math.ceil(schedule["total_steps"] / steps_per_epoch)
     epoch = start_epoch
     while epoch <= total_epochs:
         epoch_start = time.monotonic()
         _seed_everything(cfg.seed * 1000 + epoch * 10 + rank, train_set)
-        order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        task.start_epoch(epoch, model, train_set)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         mine = order[rank::world][:per_rank].tolist()
         loader = DataLoader(
-            torch.utils.data.Subset(targets, mine),
+            torch.utils.data.Subset(train_set, mine),
             batch_size=cfg.batch_size,
+            collate_fn=task.collate,
             num_workers=cfg.workers,
             generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + rank),
             drop_last=drop_last,
         )
-        train_loss = _train_one_epoch(view, model, loader, criterion, optimizer, scheduler, cfg, device, rank, progress, epoch, total_epochs)
+        train_loss = _train_one_epoch(task, module, loader, optimizer, scheduler, cfg, device, rank, progress, epoch, total_epochs)
         record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
         if epoch % cfg.val_every == 0 or epoch == total_epochs:
-            metrics = evaluate(
-                model, val_set, task=cfg.task, device=device, scales=tuple(cfg.val_scales), rank=rank, world_size=world,
+            metrics = task.evaluate(
+                model, val_set, device=device, scales=tuple(cfg.val_scales), rank=rank, world_size=world,
                 progress=progress and rank == 0,
             ).metrics
-            score = metrics["ods_f"] if edges else metrics["mean_iou"]
+            score = metrics[task.score_key]
             record.update({"val_score": score, **{f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)}})
             if rank == 0 and (best is None or score > best["score"]):
                 best = {"epoch": epoch, "score": score}
@@ -388,10 +310,9 @@ def _fit_time_budget(schedule: dict[str, int], cfg: TrainConfig, steps_per_epoch
 
 
 def _train_one_epoch(
-    view: nn.Module,
-    model: nn.Module,
+    task: Task,
+    module: nn.Module,
     loader: DataLoader,
-    criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: TrainConfig,
@@ -401,34 +322,22 @@ def _train_one_epoch(
     epoch: int,
     total_epochs: int,
 ) -> float:
+    """One pass over ``loader``; returns the mean loss per sample."""
     from rich.progress import Progress
 
-    view.train()
-    aux_weights = getattr(model, "aux_weights", {})
+    module.train()
     total, count = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     with Progress(transient=True, disable=not progress or rank != 0) as bar:
-        task = bar.add_task(f"epoch {epoch}/{total_epochs}", total=len(loader))
-        for i, (image, mask, weights) in enumerate(loader, 1):
-            image, mask, weights = image.to(device), mask.to(device), weights.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                outputs = view(image)
-            loss = sum(
-                (1.0 if key == "out" else aux_weights[key]) * _loss(criterion, logits.float(), mask, weights, cfg.unet_weight_map)
-                for key, logits in outputs.items()
-            )
+        bar_task = bar.add_task(f"epoch {epoch}/{total_epochs}", total=len(loader))
+        for i, batch in enumerate(loader, 1):
+            loss = task.loss(module, batch, device)
             (loss / cfg.accumulate).backward()
             if i % cfg.accumulate == 0 or i == len(loader):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-            total += loss.item() * image.shape[0]
-            count += image.shape[0]
-            bar.update(task, advance=1, description=f"epoch {epoch}/{total_epochs} loss {total / count:.4f}")
+            total += loss.item() * len(batch[0])
+            count += len(batch[0])
+            bar.update(bar_task, advance=1, description=f"epoch {epoch}/{total_epochs} loss {total / count:.4f}")
     return total / max(count, 1)
-
-
-def _loss(criterion: nn.Module, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, pixel_weights: bool) -> torch.Tensor:
-    if pixel_weights:
-        return criterion(logits, target, pixel_weights=weights)
-    return criterion(logits, target)

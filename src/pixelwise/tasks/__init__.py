@@ -1,0 +1,12 @@
+"""Task objects: the parts of training, evaluation and reporting that differ per task.
+
+Example:
+    >>> from pixelwise.tasks import get_task, list_tasks
+    >>> list_tasks()
+    ['edges', 'semantic']
+"""
+
+from pixelwise.tasks.base import TASKS, Task, get_task, list_tasks, register_task
+from pixelwise.tasks import semantic  # noqa: F401  (registers "semantic" and "edges")
+
+__all__ = ["TASKS", "Task", "get_task", "list_tasks", "register_task"]
