@@ -435,3 +435,79 @@ def test_wrong_shapes_raise_clear_errors():
         sliding_window(lambda x: x[..., ::2, ::2], torch.randn(1, 3, 20, 20), tile=8, batch=1)
     with pytest.raises(ValueError, match="must exceed 2 \\* valid_margin = 8"):
         sliding_window(ValidCorners(4), torch.randn(1, 3, 20, 20), tile=8)
+
+
+# ---------------------------------------------------------------------------------------
+# Files in, files out: the CLI's predict path in bounded memory
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def saved_model(tmp_path):
+    from PIL import Image
+
+    from pixelwise.models import create_model, save_model
+
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=6, base_channels=4, depth=2).eval()
+    palette = [(40 * k, 255 - 40 * k, 7 * k) for k in range(6)]
+    path = save_model(model, tmp_path / "model", {"palette": palette, "mean": [0.5] * 3, "std": [0.25] * 3})
+    rng = np.random.default_rng(0)
+    image = tmp_path / "big.png"
+    Image.fromarray(rng.integers(0, 256, (96, 64, 3), dtype=np.uint8)).save(image)
+    return path, image
+
+
+def test_predict_files_with_tile_never_holds_k_by_h_by_w(saved_model, tmp_path, monkeypatch):
+    from pixelwise import export
+    from pixelwise.io import read_image, read_mask
+
+    path, image = saved_model
+    buffers, outputs = [], []
+
+    class Recording(inference._StripAccumulator):
+        def __init__(self, *args):
+            super().__init__(*args)
+            buffers.append(tuple(self.probs.shape))
+
+    def no_full_probabilities(*args, **kwargs):
+        raise AssertionError("predict_files with a tile must not build (N, K, H, W) probabilities")
+
+    real_prepare = export.prepare_for_cpu
+
+    def recording_prepare(*args, **kwargs):
+        predictor = real_prepare(*args, **kwargs)
+
+        def run(x):
+            logits = predictor(x)
+            outputs.append(tuple(logits.shape))
+            return logits
+
+        return run
+
+    monkeypatch.setattr(inference, "_StripAccumulator", Recording)
+    monkeypatch.setattr(inference, "predict", no_full_probabilities)
+    monkeypatch.setattr(inference, "sliding_window", no_full_probabilities)
+    monkeypatch.setattr(export, "prepare_for_cpu", recording_prepare)
+    inference.predict_files([image], path, tmp_path / "out", tile=16, scales=(1.0, 0.5), flip=True)
+    assert buffers == [(1, 6, 16, 64)]  # one K x tile x W strip for a 96-row image
+    assert {shape[1:] for shape in outputs} == {(6, 16, 16), (6, 8, 8)}  # tiles and their 0.5x copies only
+    assert len(outputs) == 2 * 2 * len(window_starts(96, 16, 12)) * len(window_starts(64, 16, 12))
+    # independently: the whole-probability path of the same predictor, argmax
+    monkeypatch.undo()
+    from pixelwise.models import load_model
+
+    net, _ = load_model(path)
+    x = (torch.from_numpy(read_image(image)).float().permute(2, 0, 1) / 255 - 0.5) / 0.25
+    predictor = export.prepare_for_cpu(net.eval(), "torch")
+    expected = sliding_window(predictor, x[None], tile=16, scales=(1.0, 0.5), flip=True)[0].argmax(0)
+    assert np.array_equal(read_mask(tmp_path / "out" / "big_labels.png"), expected.numpy())
+
+
+def test_crf_on_an_image_too_big_for_memory_says_what_it_needs(saved_model, tmp_path, monkeypatch):
+    path, image = saved_model
+    pages = {"SC_AVPHYS_PAGES": 10, "SC_PAGE_SIZE": 4096}  # 40 KiB free; 96 * 64 px * (550 + 80 * 6) B = 6 MiB
+    monkeypatch.setattr(inference.os, "sysconf", lambda name: pages[name])
+    with pytest.raises(ValueError, match=r"--crf on .*big.png \(96 x 64, 6 classes\) needs about 6 MiB"):
+        inference.predict_files([image], path, tmp_path / "out", tile=16, crf="deeplab_v2")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
