@@ -236,8 +236,8 @@ def test_labels_strip_buffer_does_not_grow_with_image_height(monkeypatch):
             super().__init__(*args)
             buffers.append(self)
 
-        def pop(self, rows):
-            done = super().pop(rows)
+        def blend(self, rows):
+            done = super().blend(rows)
             popped.append(done.shape[2])
             return done
 

@@ -149,16 +149,20 @@ class _StripAccumulator:
         h, w = self.tile_weight.shape
         self.probs[n, :, top - self.top : top - self.top + h, left : left + w] += probs * self.tile_weight
 
-    def pop(self, rows: int) -> torch.Tensor:
-        """Return the blended top ``rows`` rows (N, K, rows, width) and slide the buffer down by ``rows``."""
-        done = self.probs[:, :, :rows] / self.weight[:rows]
-        keep = self.probs.shape[2] - rows
-        self.probs[:, :, :keep] = self.probs[:, :, rows:].clone()
-        self.probs[:, :, keep:] = 0
-        self.weight[:keep] = self.weight[rows:].clone()
-        self.weight[keep:] = 0
-        self.top += rows
+    def blend(self, rows: int) -> torch.Tensor:
+        """Divide the top ``rows`` rows by their weight, in place; returns them (N, K, rows, width), a view."""
+        done = self.probs[:, :, :rows]
+        done /= self.weight[:rows]
         return done
+
+    def slide(self, rows: int) -> None:
+        """Drop the top ``rows`` rows and move the rest up (no copy of the whole buffer unless they overlap)."""
+        keep = self.probs.shape[2] - rows
+        for buffer in (self.probs, self.weight):
+            rest = buffer[..., rows:, :]
+            buffer[..., :keep, :] = rest.clone() if keep > rows else rest
+            buffer[..., keep:, :] = 0
+        self.top += rows
 
 
 def _validated_tile(tile: int | Sequence[int], margin: int) -> tuple[int, int]:
@@ -274,7 +278,8 @@ def _finished_strips(
 
     The one implementation of tiling and blending. One strip of windows (same top row) is
     run at a time; rows no later window touches are divided by their accumulated weight,
-    cropped to the image and yielded, so only an ``out_h``-row buffer is ever held.
+    cropped to the image and yielded, so only an ``out_h``-row buffer is ever held. The
+    yielded probabilities are a view into that buffer, valid until the next iteration.
     Test-time augmentation (``scales``, ``flip``) is applied to each batch of tiles, so
     it costs no memory beyond that batch. A same-size model's tile is clamped to the
     image: a larger tile would only run the model over padding.
@@ -320,10 +325,11 @@ def _finished_strips(
             acc.add_window(y, x)
         done_until = ys[r + 1] if r + 1 < len(ys) else ay.core
         top = acc.top
-        blended = acc.pop(done_until - top)
+        blended = acc.blend(done_until - top)
         first, last = max(top, ay.lead), min(done_until, ay.lead + height)
         if first < last:
             yield first - ay.lead, blended[:, :, first - top : last - top, ax.lead : ax.lead + width]
+        acc.slide(done_until - top)
 
 
 # ---------------------------------------------------------------------------------------
@@ -558,10 +564,14 @@ def predict_files(
         x = torch.empty(in_channels, *raw.shape[:2])
         for rows in _bands(raw.shape[0]):
             x[:, rows] = torch.from_numpy(normalise.normalise(to_float(raw[rows]))).permute(2, 0, 1)
-        if tile is not None and crf is None:
+        if tile is not None and crf is None:  # strip-wise: never K x H x W
+            del raw  # read again for the overlay: hold the float image or the file's pixels, not both
             labels = sliding_window_labels(predictor, x, tile, overlap=overlap, scales=scales, flip=flip)
+            del x
+            raw = read_image(path)
         else:
             probs = predict(predictor, x[None], tile=tile, overlap=overlap, scales=scales, flip=flip)[0]
+            del x
             if crf is not None:
                 from pixelwise.crf import dense_crf
                 from pixelwise.report import _as_rgb_uint8
@@ -569,7 +579,6 @@ def predict_files(
                 probs = torch.from_numpy(dense_crf(_as_rgb_uint8(raw), probs.numpy(), preset=crf))
             labels = (probs[0] > 0.5) if probs.shape[0] == 1 else probs.argmax(0)
             del probs
-        del x
         labels = labels.numpy().astype(np.uint8 if len(palette) <= 256 else np.int64, copy=False)
         label_path = out / f"{path.stem}_labels.png"
         write_mask(label_path, labels, palette)
