@@ -353,3 +353,19 @@ def test_onnx_runtime_keeps_file_only_when_asked(tmp_path: Path) -> None:
 def test_prepare_for_cpu_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         prepare_for_cpu(Tiny(), **kwargs)
+
+
+def test_compile_runtime_matches_eval() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1)).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    image = torch.randn(2, 3, 20, 28, generator=torch.Generator().manual_seed(1))
+    predictor = prepare_for_cpu(model, "compile")
+    assert predictor.compiled and count_bn(predictor.model) == 0
+    try:
+        got = predictor(image)
+    except torch._dynamo.exc.BackendCompilerFailed as err:  # inductor needs a C++ compiler
+        pytest.skip(f"torch.compile is unavailable here: {err}")
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(image), atol=1e-5, rtol=1e-5)
