@@ -73,6 +73,7 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
 def prepare(folder: Path, size: int, spec: dict[str, Any]) -> tuple[Path, Path]:
     """Write the test image (smooth colours, cheap to encode) and the model; reuse them if present."""
     import numpy as np
+    import torch
     from PIL import Image
 
     from pixelwise.models import create_model, save_model
@@ -87,6 +88,7 @@ def prepare(folder: Path, size: int, spec: dict[str, Any]) -> tuple[Path, Path]:
         Image.fromarray(rgb).save(image, compress_level=1)
     model = folder / "model"
     classes = spec["num_classes"]
+    torch.manual_seed(0)
     save_model(create_model(spec["name"], num_classes=classes, **spec["options"]), model,
                {"palette": [(k * 37 % 256, k * 91 % 256, k * 53 % 256) for k in range(classes)],
                 "class_names": [f"c{k}" for k in range(classes)]})
