@@ -46,7 +46,7 @@ class TrainConfig:
     on the class boundaries of the label maps.
     ``val_scales`` are the test-time scales of validation (e.g. ``[0.5]`` for a model
     trained on half-size crops); ``max_minutes`` fits the poly schedule after every epoch
-    so that training ends within the budget.
+    so that training ends within the budget (the epochs of a resumed run's earlier parts count).
     """
 
     data: str
@@ -259,6 +259,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     With ``resume=True`` training continues from ``cfg.out/checkpoint.safetensors``
     exactly where the last finished epoch left it (weights, optimiser state, LR step; the
     data order and augmentation are seeded per epoch, so the run matches an unbroken one).
+    ``cfg`` may differ from the checkpoint's config only in :data:`RESUME_MAY_CHANGE`; a new
+    ``epochs`` or ``max_minutes`` refits the LR schedule to the new length.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
