@@ -31,6 +31,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -273,6 +274,7 @@ def _finished_strips(
     sigma_scale: float,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Run the model tile by tile over (N, C, H, W) and yield ``(row, probs (N, K, rows, W))`` top to bottom.
 
@@ -282,11 +284,13 @@ def _finished_strips(
     yielded probabilities are a view into that buffer, valid until the next iteration.
     Test-time augmentation (``scales``, ``flip``) is applied to each batch of tiles, so
     it costs no memory beyond that batch. A same-size model's tile is clamped to the
-    image: a larger tile would only run the model over padding.
+    image: a larger tile would only run the model over padding. ``transform`` maps each
+    gathered input strip (N, C, tile_h, W') to the model's float input before padding
+    values are zeroed, so the image itself may be held compactly (e.g. uint8).
     """
     _check_options(overlap, batch, blend, pad, sigma_scale)
     scales = _check_scales(scales)
-    if image.ndim != 4 or not image.is_floating_point():
+    if image.ndim != 4 or not (image.is_floating_point() or transform is not None):
         raise ValueError(f"image must be a float tensor (N, C, H, W), got {tuple(image.shape)} {image.dtype}.")
     margin = _valid_margin(model)
     tile_h, tile_w = _validated_tile(tile, margin or 0)
@@ -309,6 +313,8 @@ def _finished_strips(
     for r, y in enumerate(ys):
         rows, row_inside = ay.source(y, tile_h, pad, image.device)
         strip = image[:, :, rows][..., cols]
+        if transform is not None:
+            strip = transform(strip)
         if row_inside is not None:
             strip = strip * (row_inside[:, None] & col_inside[None, :])
         jobs = [(n, x) for n in range(n_img) for x in xs]
@@ -406,6 +412,7 @@ def sliding_window_labels(
     sigma_scale: float = 0.125,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Label map (H, W) of one image (C, H, W) in bounded memory.
 
@@ -416,12 +423,14 @@ def sliding_window_labels(
     or without test-time augmentation.
     Labels are uint8 for K <= 256, int16 for K <= 32768, else int64; for a single-channel
     (sigmoid) model they are ``probability > 0.5`` as 0/1.
-    Arguments as in :func:`sliding_window`.
+    Arguments as in :func:`sliding_window`, and ``transform``: a function applied to each
+    gathered (1, C, tile_h, W') input strip, e.g. to normalise a uint8 image strip by strip
+    so that it is never held as a float image (4x its uint8 size).
     """
     if image.ndim != 3:
         raise ValueError(f"image must be one image (C, H, W), got shape {tuple(image.shape)}; use image[i].")
     labels: torch.Tensor | None = None
-    strips = _finished_strips(model, image[None], tile, overlap, batch, blend, pad, sigma_scale, scales, flip)
+    strips = _finished_strips(model, image[None], tile, overlap, batch, blend, pad, sigma_scale, scales, flip, transform)
     for row, probs in strips:
         k = probs.shape[1]
         if labels is None:
@@ -561,16 +570,13 @@ def predict_files(
             raise ValueError(f"image {path} has {raw.shape[-1]} channel(s) but the model takes {in_channels}")
         if crf is not None:
             _check_crf_memory(path, raw.shape[:2], len(palette))
-        x = torch.empty(in_channels, *raw.shape[:2])
-        for rows in _bands(raw.shape[0]):
-            x[:, rows] = torch.from_numpy(normalise.normalise(to_float(raw[rows]))).permute(2, 0, 1)
-        if tile is not None and crf is None:  # strip-wise: never K x H x W
-            del raw  # read again for the overlay: hold the float image or the file's pixels, not both
-            labels = sliding_window_labels(predictor, x, tile, overlap=overlap, scales=scales, flip=flip)
-            del x
-            raw = read_image(path)
+        if tile is not None and crf is None:  # strip-wise: never K x H x W, nor the image as float
+            pixels = torch.from_numpy(raw if raw.dtype == np.uint8 else to_float(raw)).permute(2, 0, 1)  # (C, H, W)
+            labels = sliding_window_labels(predictor, pixels, tile, overlap=overlap, scales=scales, flip=flip,
+                                           transform=lambda strip: _normalised(strip, normalise))
         else:
-            probs = predict(predictor, x[None], tile=tile, overlap=overlap, scales=scales, flip=flip)[0]
+            x = torch.from_numpy(normalise.normalise(to_float(raw)).transpose(2, 0, 1).copy())[None]
+            probs = predict(predictor, x, tile=tile, overlap=overlap, scales=scales, flip=flip)[0]
             del x
             if crf is not None:
                 from pixelwise.crf import dense_crf
@@ -593,6 +599,14 @@ def predict_files(
             del picture
         written.append(label_path)
     return written
+
+
+def _normalised(strip: torch.Tensor, normalise: Any) -> torch.Tensor:
+    """(N, C, h, w) strip of file pixels -> the model's float input, as the data pipeline makes it."""
+    from pixelwise.data.transforms import to_float
+
+    hwc = strip.permute(0, 2, 3, 1).numpy()
+    return torch.from_numpy(np.ascontiguousarray(normalise.normalise(to_float(hwc)))).permute(0, 3, 1, 2)
 
 
 def _bands(height: int, rows: int = 512) -> Iterator[slice]:
