@@ -556,7 +556,8 @@ def predict_files(
     model.eval()
     in_channels = model.config["in_channels"]
     if runtime == "onnx":
-        predictor = _PerInputSize(lambda size: prepare_for_cpu(model, "onnx", tile=size))
+        # no arena: it would keep every size's peak for the whole run (benchmarks/README.md)
+        predictor = _PerInputSize(lambda size: prepare_for_cpu(model, "onnx", tile=size, memory_arena=False))
     else:
         predictor = prepare_for_cpu(model, runtime)
     normalise = ToTensor(extra.get("mean"), extra.get("std"))
