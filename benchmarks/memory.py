@@ -4,8 +4,9 @@ Writes one S x S RGB PNG (default 8192²) and a K-class model (default 21 classe
 each row in its own Python process and reports that process's peak RSS (``ru_maxrss``)
 and wall time. Rows:
 
-- ``eager``: the Python API: ``load_model`` + ``read_image`` + normalise +
-  :func:`pixelwise.inference.sliding_window_labels` with the plain ``nn.Module`` + ``write_mask``;
+- ``eager``: the Python API: ``load_model`` + ``read_image`` +
+  :func:`pixelwise.inference.sliding_window_labels` with the plain ``nn.Module``, normalising
+  the uint8 image strip by strip (``transform=``), + ``write_mask`` (no colour/overlay PNGs);
 - ``torch``, ``onnx``: :func:`pixelwise.inference.predict_files` (what the CLI's ``predict``
   runs) with ``--runtime torch`` / ``onnx``, which also writes the colour and overlay PNGs;
 - ``... +tta``: the same with ``--flip --scales 0.75,1`` (TTA on every tile).
@@ -61,9 +62,14 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     if runtime == "eager":
         raw = read_image(job["image"])
-        x = torch.from_numpy(ToTensor(extra.get("mean"), extra.get("std")).normalise(to_float(raw))).permute(2, 0, 1)
-        del raw
-        labels = sliding_window_labels(model, x.contiguous(), job["tile"], **options)
+        pixels = torch.from_numpy(raw).permute(2, 0, 1)  # uint8 (C, H, W): normalised strip by strip below
+        normalise = ToTensor(extra.get("mean"), extra.get("std")).normalise
+
+        def to_input(strip: torch.Tensor) -> torch.Tensor:
+            hwc = normalise(to_float(strip.permute(0, 2, 3, 1).numpy()))
+            return torch.from_numpy(np.ascontiguousarray(hwc)).permute(0, 3, 1, 2)
+
+        labels = sliding_window_labels(model, pixels, job["tile"], transform=to_input, **options)
         write_mask(Path(job["out"]) / "eager_labels.png", labels.numpy().astype(np.uint8), extra["palette"])
     else:
         predict_files([job["image"]], job["model"], job["out"], tile=job["tile"], runtime=runtime, **options)
