@@ -1,4 +1,4 @@
-"""CPU speed and memory of every registry model: eager, prepared torch, torch.compile, ONNX Runtime.
+"""CPU speed and memory of every registry model: eager, prepared torch, torch.compile, ONNX Runtime (fp32, int8).
 
 For each model and runtime, two workloads:
 
@@ -10,10 +10,13 @@ For each model and runtime, two workloads:
 Runtimes: ``eager`` (the model in eval mode under ``torch.inference_mode``), ``torch``
 (:func:`pixelwise.export.prepare_for_cpu` "torch": BN folded, channels-last), ``compile``
 (the same in ``torch.compile``), ``onnx`` (exported at the workload's input size, run by
-ONNX Runtime). GFLOP are counted once per model with ``FlopCounterMode`` on an eager
-forward (tiled: per tile, times the tiles the run made); achieved GFLOP/s are compared
-with the best of ten 2048 x 2048 fp32 matmuls measured at the start of the same run. Every (model, workload, runtime) cell runs in its own subprocess,
-so "peak RSS" is that process's own high-water mark (``ru_maxrss``): it includes the
+ONNX Runtime), ``onnx-int8`` (:func:`pixelwise.export.export_onnx_int8` at that size: int8
+QDQ, calibrated on ``--calib-images`` CamVid train images when ../shared/data/camvid exists,
+else on standard-normal noise; the models are untrained, so only the speed means anything).
+GFLOP are counted once per model with ``FlopCounterMode`` on an eager forward (tiled: per
+tile, times the tiles the run made); achieved GFLOP/s are compared with the best of ten
+2048 x 2048 fp32 matmuls measured at the start of the same run. Every (model, workload,
+runtime) cell runs in its own subprocess, so "peak RSS" is that process's own high-water mark (``ru_maxrss``): it includes the
 interpreter and the imported libraries (the "baseline" in the header), the weights, and
 for ``compile`` the compilation itself; peaks do not accumulate across rows.
 
@@ -39,7 +42,8 @@ from typing import Any
 
 import torch
 
-RUNTIMES = ("eager", "torch", "compile", "onnx")
+RUNTIMES = ("eager", "torch", "compile", "onnx", "onnx-int8")
+CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
 WORKLOADS = ("image", "tiled")
 
 
@@ -67,9 +71,20 @@ def make_predictor(job: dict[str, Any], model: torch.nn.Module | None) -> Any:
         # A plain callable, so sliding_window runs forward() as for the other runtimes
         # (not forward_valid of a valid-convolution model).
         return lambda x: model(x)
-    if runtime == "onnx":
+    if runtime in ("onnx", "onnx-int8"):
         return OnnxPredictor(job["onnx_path"], threads=job["threads"])
     return prepare_for_cpu(model, runtime)
+
+
+def calibration_images(height: int, width: int, count: int) -> torch.Tensor:
+    """(count, 3, height, width): CamVid train crops in [0, 1] if the data is here, else N(0, 1) noise."""
+    if not CAMVID.is_dir():
+        return torch.randn(count, 3, height, width, generator=torch.Generator().manual_seed(0))
+    from pixelwise.data import open_dataset
+    from pixelwise.export import calibration_batch
+
+    dataset = open_dataset(f"camvid:{CAMVID}", "train")
+    return calibration_batch(dataset, height=height, width=width, in_channels=3, num_images=count, normalised=False)
 
 
 def time_calls(fn: Any, runs: int) -> list[float]:
@@ -92,7 +107,7 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
         import pixelwise.export  # noqa: F401
 
         return {"peak_rss_mb": peak_rss_mb()}
-    model = None if kind == "run" and job["runtime"] == "onnx" else build_model(job["model"])
+    model = None if kind == "run" and job["runtime"].startswith("onnx") else build_model(job["model"])
     if kind == "flops":
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -107,6 +122,13 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
 
         start = time.perf_counter()
         export_onnx(model, job["onnx_path"], height=job["height"], width=job["width"])
+        return {"export_s": time.perf_counter() - start}
+    if kind == "export-int8":
+        from pixelwise.export import export_onnx_int8
+
+        images = calibration_images(job["height"], job["width"], job["calib_images"])
+        start = time.perf_counter()
+        export_onnx_int8(model, job["onnx_path"], images, height=job["height"], width=job["width"])
         return {"export_s": time.perf_counter() - start}
     # kind == "run"
     start = time.perf_counter()
@@ -224,6 +246,7 @@ def main() -> None:
     parser.add_argument("--tiled-runs", type=int, default=1)
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
+    parser.add_argument("--calib-images", type=int, default=8, help="calibration images of the onnx-int8 export")
     parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads (default: theirs)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,7 +284,7 @@ def main() -> None:
         f"batch {args.batch}, median of {args.tiled_runs}",
     }
     print(f"# {'; '.join(described[w] for w in workloads)}; setup = build the predictor and run it once "
-          "(compilation for compile; plus the export for onnx)\n")
+          "(compilation for compile; plus the export for onnx, and the calibration for onnx-int8)\n")
 
     header = ["model", "workload", "runtime", "setup", "median", "GFLOP", "GFLOP/s", "% matmul", "peak RSS MB"]
     rows: list[list[str]] = []
@@ -272,13 +295,16 @@ def main() -> None:
             flops = counted.get("flops", {})
             for workload, (h, w) in workloads.items():
                 per_call = flops.get(workload)
-                export_s = 0.0
-                onnx_path = str(Path(tmp) / f"{len(rows)}.onnx")
                 for runtime in runtimes:
+                    export_s, onnx_path = 0.0, ""
                     print(f"[{time.perf_counter() - started:7.0f}s] {spec['label']} {workload} {runtime}", file=sys.stderr, flush=True)
-                    if runtime == "onnx":
+                    if runtime.startswith("onnx"):
                         eh, ew = call_size[workload]
-                        exported = spawn({"kind": "export", "model": spec, "onnx_path": onnx_path, "height": eh, "width": ew, **common})
+                        onnx_path = str(Path(tmp) / f"{len(rows)}-{runtime}.onnx")
+                        exported = spawn({
+                            "kind": "export" if runtime == "onnx" else "export-int8", "model": spec, "onnx_path": onnx_path,
+                            "height": eh, "width": ew, "calib_images": args.calib_images, **common,
+                        })
                         if "error" in exported:
                             rows.append([spec["label"], workload, runtime, "export failed: " + exported["error"], *[""] * 5])
                             continue

@@ -133,7 +133,14 @@ def test_check_data_names_every_bad_pair(tmp_path) -> None:
         Image.fromarray(np.ones(mask_size, np.uint8)).save(tmp_path / "masks" / f"{name}.png")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "bad.png")
     Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / "masks" / "bad.png")
+    for name in ("unreadable", "rgb"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / f"{name}.png")
+    (tmp_path / "masks" / "unreadable.png").write_bytes(b"not a png")
+    Image.fromarray(np.ones((8, 8, 3), np.uint8)).save(tmp_path / "masks" / "rgb.png")
     (tmp_path / "classes.json").write_text(json.dumps({"classes": [{"name": "a", "color": [0, 0, 0]}, {"name": "b", "color": [255, 0, 0]}]}))
-    proc = _cli("check-data", str(tmp_path))
+    proc = _cli("check-data", str(tmp_path))  # both splits: the training pairs and the held-out ones
     assert proc.returncode == 2
-    assert "small.png" in proc.stdout and "bad.png" in proc.stdout and "good.png" not in proc.stdout
+    problems = [line for line in proc.stdout.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 4
+    for name in ("bad.png", "rgb.png", "small.png", "unreadable.png"):
+        assert sum(f"masks/{name}" in p for p in problems) == 1, name

@@ -333,8 +333,84 @@ def test_open_dataset_forms(tmp_path):
     assert train.num_classes == val.num_classes == 6  # inferred over both splits
     with pytest.raises(ValueError, match="test"):
         open_dataset(tmp_path / "data", "test")
-    single = open_dataset(tmp_path / "data" / "val", "train")
-    assert len(single) == 2
+    held = open_dataset(tmp_path / "data" / "val", "val")  # a plain folder: one of its 2 pairs held out
+    rest = open_dataset(tmp_path / "data" / "val", "train")
+    assert (len(held), len(rest), len(open_dataset(tmp_path / "data" / "val", "all"))) == (1, 1, 2)
+    assert {p for p, _ in held.files} | {p for p, _ in rest.files} == {tmp_path / "data" / "val" / "images" / f"val{i}.png" for i in (0, 1)}
+
+
+@pytest.mark.parametrize(("n", "fraction", "held"), [(10, 0.2, 2), (10, 0.5, 5), (7, 0.2, 1), (3, 0.01, 1), (3, 0.99, 2)])
+def test_plain_folder_holds_out_whole_files_for_validation(tmp_path, caplog, n, fraction, held):
+    rng = np.random.default_rng(n)
+    root = _folder(tmp_path / "d", {f"im{i}": _rand_pair(rng) for i in range(n)})
+    val = open_dataset(root, "val", val_fraction=fraction)
+    train = open_dataset(root, "train", val_fraction=fraction)
+    val_names = [p.name for p, _ in val.files]
+    assert len(val_names) == held  # round(n * fraction), at least 1, at most n - 1
+    assert not set(val_names) & {p.name for p, _ in train.files}
+    assert len(train) + len(val) == n and all(p.stem == m.stem for p, m in val.files + train.files)
+    assert [p.name for p, _ in open_dataset(root, "val", val_fraction=fraction).files] == val_names  # deterministic
+    assert train.num_classes == val.num_classes == 3
+    note = caplog.records[-1].getMessage()
+    assert f"{held} of its {n} pairs" in note and all(name in note for name in val_names)
+
+
+def test_plain_folder_split_refuses_bad_fractions_and_single_pairs(tmp_path):
+    rng = np.random.default_rng(1)
+    root = _folder(tmp_path / "d", {f"im{i}": _rand_pair(rng) for i in range(3)})
+    for bad in (0, 1, -0.1, "a"):
+        with pytest.raises(ValueError, match="val_fraction"):
+            open_dataset(root, "val", val_fraction=bad)
+    with pytest.raises(ValueError, match="train, val .held out. and all"):
+        open_dataset(root, "test")
+    one = _folder(tmp_path / "one", {"a": _rand_pair(rng)})
+    with pytest.raises(ValueError, match=f"{one} has 1 image/mask pair.*train/ and val/"):
+        open_dataset(one, "train")
+
+
+@pytest.mark.parametrize(("foreground", "dtype"), [(255, np.uint8), (65535, np.uint16)])
+def test_binary_masks_without_classes_file_are_background_and_foreground(tmp_path, caplog, foreground, dtype):
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    masks = []
+    for i in range(3):
+        mask = np.zeros((6, 7), dtype)
+        mask[i : i + 2, 1:4] = foreground
+        masks.append(mask)
+        Image.fromarray(np.full((6, 7, 3), 40 * i, np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+    ds = FolderDataset(root)
+    assert ds.num_classes == 2 and ds.class_names == ["background", "foreground"]
+    for i in range(3):
+        np.testing.assert_array_equal(ds[i][1].numpy(), (masks[i] == foreground).astype(np.int64))
+    assert f"hold only 0 and {foreground}" in caplog.records[-1].getMessage()
+    assert check_dataset(ds).class_pixels == [3 * 42 - 18, 18]
+    if foreground == 255:  # with a classes file 255 keeps its meaning, ignore
+        (root / "classes.json").write_text(json.dumps({"classes": [{"name": "bg", "color": [0, 0, 0]}]}))
+        ds = FolderDataset(root)
+        assert ds.num_classes == 1 and check_dataset(ds).ignore_pixels == 18
+
+
+def test_16bit_masks_with_large_values_name_the_fix(tmp_path):
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(root / "images" / "a.png")
+    Image.fromarray(np.array([[0, 1000, 3]] * 6, np.uint16)).save(root / "masks" / "a.png")
+    with pytest.raises(ValueError, match=r"up to 1000, so the default ignore_index 255 is a class id.*classes\.json.*65535"):
+        FolderDataset(root)
+
+
+def test_check_dataset_lists_unreadable_and_colour_masks_without_classes(tmp_path):
+    rng = np.random.default_rng(3)
+    root = _folder(tmp_path / "d", {f"p{i}": _rand_pair(rng) for i in range(4)})
+    (root / "masks" / "p1.png").write_bytes(b"not a png")
+    Image.fromarray(rng.integers(0, 3, (6, 7, 3), dtype=np.uint8)).save(root / "masks" / "p2.png")
+    report = check_dataset(FolderDataset(root))  # the classes come from the readable masks
+    assert len(report.problems) == 2
+    assert "p1.png" in report.problems[0] and "cannot read" in report.problems[0]
+    assert "p2.png" in report.problems[1] and "colour (RGB)" in report.problems[1]
 
 
 # ---------------------------------------------------------------- transforms
@@ -469,3 +545,14 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         write_synthetic_dataset(a, n_train=1, n_val=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no temp folders left
+
+
+def test_binary_looking_masks_with_an_explicit_ignore_index_keep_it(tmp_path):
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(root / "images" / "a.png")
+    Image.fromarray(np.array([[0, 255, 0, 0, 0, 0, 0]] * 6, np.uint8)).save(root / "masks" / "a.png")
+    ds = FolderDataset(root, ignore_index=255)  # 255 said to be ignore: one class, 0
+    assert ds.num_classes == 1 and ds.binary_foreground is None
+    assert check_dataset(ds).ignore_pixels == 6

@@ -307,3 +307,73 @@ def test_boundary_score_input_checks() -> None:
     edges = _vertical_line(8, 8, 3).unsqueeze(1)
     score.update(edges.float(), edges)
     assert score.compute()["ods_f"] == pytest.approx(1.0)
+
+
+def _pair_rand_error(truth: np.ndarray, found: np.ndarray) -> float:
+    """1 - F-score of pixel pairs kept together, from the definition (pixels with truth 0 left out)."""
+    from itertools import combinations
+
+    keep = [(t, f) for t, f in zip(truth.ravel(), found.ravel()) if t != 0]
+    pairs = list(combinations(keep, 2))
+    together_true = sum(a[0] == b[0] for a, b in pairs)
+    together_found = sum(a[1] == b[1] for a, b in pairs)
+    together_both = sum(a[0] == b[0] and a[1] == b[1] for a, b in pairs)
+    p, r = together_both / together_true, together_both / together_found
+    return 1 - 2 * p * r / (p + r)
+
+
+def test_segment_score_two_touching_cells_merged() -> None:
+    from pixelwise.metrics import SegmentScore, cell_segments
+
+    truth = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 0, 1, 1]])  # two 4-pixel cells split by a membrane
+    pred = torch.ones_like(truth)  # the membrane is missed: one 10-pixel cell
+    score = SegmentScore(cell_class=1)
+    score.update(pred, truth)
+    m = score.compute()
+    # 8 scored pixels: 12 pairs together in truth, 28 together in the prediction, 12 in both:
+    # F = 2 * 1 * (12/28) / (1 + 12/28) = 0.6.
+    assert m["rand_error"] == pytest.approx(0.4)
+    assert m["rand_error"] == pytest.approx(_pair_rand_error(cell_segments(truth.numpy(), 1), cell_segments(pred.numpy(), 1)))
+    assert m["vi_split"] == pytest.approx(0.0) and m["vi_merge"] == pytest.approx(1.0)  # one bit: which half
+    assert m["pixel_error"] == pytest.approx(2 / 10)
+
+
+def test_segment_score_one_cell_split_and_mean_over_images() -> None:
+    from pixelwise.metrics import SegmentScore
+
+    truth = torch.ones(2, 5, dtype=torch.long)  # one 10-pixel cell
+    pred = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 0, 1, 1]])  # a false membrane splits it into 4 + 4 (+ 2 membrane)
+    score = SegmentScore(cell_class=1)
+    score.update(pred, truth)
+    # 45 pairs together in truth; 6 + 6 + 1 together in the prediction, all of them in truth too:
+    # F = 2 * (13/45) / (1 + 13/45) = 13/29.
+    split = -(2 * 0.4 * math.log2(0.4) + 0.2 * math.log2(0.2))
+    assert score.compute()["rand_error"] == pytest.approx(16 / 29)
+    assert score.compute()["vi_split"] == pytest.approx(split) and score.compute()["vi_merge"] == pytest.approx(0.0)
+    score.update(truth, truth)  # a perfect second image halves every mean
+    m = score.compute()
+    assert m["rand_error"] == pytest.approx(8 / 29)
+    assert m["variation_of_information"] == pytest.approx(split / 2)
+    assert m["pixel_error"] == pytest.approx(2 / 20)
+
+
+def test_segment_measures_reach_the_semantic_evaluation() -> None:
+    from pixelwise.tasks import get_task
+
+    class Cells(torch.utils.data.Dataset):
+        num_classes, ignore_index, class_names, cell_class = 2, 255, ["membrane", "cell"], 1
+
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, i):
+            labels = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 0, 1, 1]])
+            return labels[None].float(), labels
+
+    class AllCell(torch.nn.Module):  # logits that call every pixel a cell
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.zeros_like(x[:, 0]), torch.ones_like(x[:, 0])], 1)
+
+    metrics = get_task("semantic").evaluate(AllCell(), Cells()).metrics
+    assert metrics["rand_error"] == pytest.approx(0.4) and metrics["pixel_error"] == pytest.approx(0.2)
+    assert metrics["pixel_accuracy"] == pytest.approx(0.8)

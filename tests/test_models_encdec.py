@@ -13,6 +13,7 @@ from torch import nn
 
 from pixelwise.models import create_model
 from pixelwise.models.backbones import load_backbone_weights
+from pixelwise.models.densenet import FCDenseNet
 from pixelwise.models.fcn import load_vgg16_weights
 from pixelwise.models.layers import mirror_pad
 from pixelwise.models.segnet import SegNetDecoder
@@ -256,6 +257,14 @@ def test_fcn8s_resnet50_starts_at_zero_and_fuses_strides_8_16_32() -> None:
         torch.testing.assert_close(model(x), expected)
 
 
+def test_fcn8s_resnet50_parameter_count() -> None:
+    """The README's 23,583,359 (21 classes): torchvision's ResNet-50 without its classifier plus three 1x1 score convs."""
+    backbone = 25_557_032 - (2048 * 1000 + 1000)  # torchvision docs' ResNet-50 count minus fc
+    scores = (512 + 1024 + 2048) * 21 + 3 * 21  # weights + biases on c3, c4, c5
+    assert backbone + scores == 23_583_359
+    assert n_params(meta_model("fcn8s_resnet50", num_classes=21)) == 23_583_359
+
+
 # -------------------------------------------------------------------------------------- U-Net
 
 
@@ -266,6 +275,24 @@ def unet_conv_params(widths: list[int], c_in: int, k: int, batch_norm: bool) -> 
     total = sum(a * b * 9 + (2 * b if batch_norm else b) for a, b in convs)
     total += sum(widths[i + 1] * widths[i] * 4 + widths[i] for i in range(4))
     return total + widths[0] * k + k
+
+
+def unet_residual_params(widths: list[int], c_in: int, k: int) -> int:
+    """Parameters of a 4-level residual U-Net with BN: per block two 3x3 convs (no bias) + BN and,
+    as every block changes the width, a 1x1 projection (no bias) + BN; 2x2 up-convs; 1x1 head."""
+    blocks = [*zip([c_in, *widths[:-1]], widths), *((2 * c, c) for c in widths[:-1])]
+    total = sum(a * b * 9 + 2 * b + b * b * 9 + 2 * b + a * b + 2 * b for a, b in blocks)
+    total += sum(widths[i + 1] * widths[i] * 4 + widths[i] for i in range(4))
+    return total + widths[0] * k + k
+
+
+def test_unet_parameter_counts_in_the_readme() -> None:
+    """The README's padded U-Net figures (3 channels in, 21 classes) from the layer formulas."""
+    widths = [64, 128, 256, 512, 1024]
+    assert unet_conv_params(widths, 3, 21, batch_norm=True) == 31_038_933
+    assert n_params(meta_model("unet", num_classes=21)) == 31_038_933
+    assert unet_residual_params(widths, 3, 21) == 32_437_653
+    assert n_params(meta_model("unet_residual", num_classes=21)) == 32_437_653
 
 
 def test_unet_parameter_counts() -> None:
@@ -496,3 +523,29 @@ def test_fcdensenet_tiny_input() -> None:
         out = model(torch.randn(2, 1, 5, 7))
     assert out.shape == (2, 5, 5, 7)
     assert torch.isfinite(out).all()
+
+
+def test_fcdensenet_memory_efficient_matches_plain() -> None:
+    """Checkpointed dense layers: same outputs, gradients, BN statistics and state-dict keys."""
+    assert meta_model("fcdensenet103", num_classes=11, memory_efficient=True).state_dict().keys() == (
+        meta_model("fcdensenet103", num_classes=11).state_dict().keys()
+    )
+    torch.manual_seed(0)
+    small = {"block_layers": (3, 3), "bottleneck_layers": 2, "growth_rate": 6, "first_channels": 8, "dropout": 0.2}
+    plain = FCDenseNet(4, 3, **small)
+    lean = FCDenseNet(4, 3, **small, memory_efficient=True)
+    lean.load_state_dict(plain.state_dict())  # strict: the keys are the same
+    x, y = torch.randn(2, 3, 20, 28), torch.randint(0, 4, (2, 20, 28))
+    outputs = []
+    for model in (plain, lean):
+        torch.manual_seed(1)  # the same dropout masks; checkpoint must replay them in backward
+        out = model.train()(x)
+        F.cross_entropy(out, y).backward()
+        outputs.append(out.detach())
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+    grads = dict(plain.named_parameters())
+    for name, p in lean.named_parameters():
+        assert torch.allclose(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7), name
+    # Recomputation in backward does not update the running statistics a second time.
+    for key, value in plain.state_dict().items():
+        assert torch.equal(lean.state_dict()[key], value), key

@@ -21,8 +21,8 @@ from pixelwise.report import (
     save_overlay_grid,
     write_eval_report,
     write_metrics_json,
-    write_run_report,
 )
+from pixelwise.training import write_run_report
 
 PALETTE = [(10, 20, 30), (200, 0, 0), (0, 250, 4)]
 
@@ -170,7 +170,7 @@ def test_write_run_report_evaluates_best_model(tmp_path):
     data = write_synthetic_dataset(tmp_path / "data", n_train=1, n_val=2, size=(32, 48))
     torch.manual_seed(0)
     save_model(create_model("unet", num_classes=4, base_channels=4), tmp_path / "run" / "model_best")
-    cfg = SimpleNamespace(data=str(data), val_split="val", task="semantic", mean=None, std=None, val_scales=[1.0])
+    cfg = SimpleNamespace(data=str(data), val_split="val", val_fraction=0.2, task="semantic", mean=None, std=None, val_scales=[1.0])
     metrics = write_run_report(tmp_path / "run", cfg, [{"epoch": 1, "train_loss": 1.0, "val_mean_iou": 0.1}])
     written = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"history.png", "metrics.json", "confusion.png", "overlays.png"} <= written

@@ -31,12 +31,15 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from pixelwise.models.layers import resize_to
+from pixelwise.models.layers import mirror_pad, resize_to
+
+if TYPE_CHECKING:
+    from pixelwise.data.transforms import ToTensor
 
 BLEND_MODES = ("gaussian", "constant")
 PAD_MODES = ("reflect", "constant")
@@ -505,9 +508,120 @@ def predict(
     return predict_tta(model, image, scales=scales, flip=flip, tile=tile, overlap=overlap, batch=batch)
 
 
+def _exported_predictor(
+    path: Path, runtime: str, tile: int | None
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict, tuple[int, int]]:
+    """An ``.onnx`` file from ``pixelwise export``: (predictor, saved extra, its tile size)."""
+    from pixelwise.export import OnnxPredictor
+
+    if runtime != "onnx":
+        raise ValueError(f"{path} is an exported ONNX model: run it with --runtime onnx (got --runtime {runtime})")
+    predictor = OnnxPredictor(path)
+    size = (predictor.height, predictor.width)
+    if None in size:
+        raise ValueError(f"{path} has a symbolic input size; export it for a fixed size with pixelwise export")
+    if tile is not None and (tile, tile) != size:
+        raise ValueError(f"{path} was exported for {size[0]}x{size[1]} tiles; drop --tile or export again at --tile {tile}")
+    return _FixedSize(predictor, size), predictor.extra, size
+
+
+class _FixedSize:
+    """Runs a fixed-size predictor (an exported ONNX graph) on inputs up to its size: a smaller
+    input (a tile clamped to a small image, a TTA scale below 1) is mirror-padded at the bottom
+    and right up to the size, and the output cropped back."""
+
+    def __init__(self, predictor: Callable[[torch.Tensor], torch.Tensor], size: tuple[int, int]) -> None:
+        self.predictor, self.size = predictor, size
+        self.in_channels = getattr(predictor, "in_channels", None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (h, w), (height, width) = x.shape[-2:], self.size
+        if h > height or w > width:
+            raise ValueError(f"this exported ONNX model runs {height}x{width} inputs, got {h}x{w}: TTA scales above 1 "
+                             "need the .safetensors model")
+        if (h, w) == (height, width):
+            return self.predictor(x)
+        return self.predictor(mirror_pad(x, 0, height - h, 0, width - w))[..., :h, :w]
+
+
+
+
 # ---------------------------------------------------------------------------------------
 # Files in, files out (the CLI's `predict`)
 # ---------------------------------------------------------------------------------------
+
+
+PREDICTION_KINDS = ("labels", "colour", "overlay")
+"""The files :func:`predict_files` writes per image: ``NAME_<kind>.png``."""
+
+
+def segment_image(
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    raw: np.ndarray,
+    normalise: ToTensor,
+    *,
+    tile: int | None = None,
+    overlap: float = 0.25,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    crf: str | None = None,
+) -> torch.Tensor:
+    """Class ids (H, W) of one (H, W, C) uint8/uint16 image, as ``pixelwise predict`` computes them.
+
+    The image is scaled to [0, 1] and normalised with ``normalise`` (the model's mean/std),
+    run through :func:`predict`, optionally refined by the dense CRF preset ``crf``
+    (:func:`pixelwise.crf.dense_crf`), then argmaxed (a single-channel model: probability > 0.5).
+    With ``tile`` and no ``crf`` the labels come from :func:`sliding_window_labels` (uint8 for
+    up to 256 classes), normalising strip by strip: neither the float image nor its K x H x W
+    probabilities are ever held. Otherwise they are int64.
+    """
+    from pixelwise.data.transforms import to_float
+
+    if tile is not None and crf is None:
+        pixels = torch.from_numpy(raw if raw.dtype == np.uint8 else to_float(raw)).permute(2, 0, 1)  # (C, H, W)
+        return sliding_window_labels(predictor, pixels, tile, overlap=overlap, scales=scales, flip=flip,
+                                     transform=lambda strip: _normalised(strip, normalise))
+    x = torch.from_numpy(normalise.normalise(to_float(raw)).transpose(2, 0, 1).copy())[None]
+    probs = predict(predictor, x, tile=tile, overlap=overlap, scales=scales, flip=flip)[0]
+    del x
+    if crf is not None:
+        from pixelwise.crf import dense_crf
+        from pixelwise.report import _as_rgb_uint8
+
+        probs = torch.from_numpy(dense_crf(_as_rgb_uint8(raw), probs.numpy(), preset=crf))
+    return (probs[0] > 0.5).long() if probs.shape[0] == 1 else probs.argmax(0)
+
+
+def shard_images(
+    images: Sequence[str | Path], rank: int | None = None, world_size: int | None = None
+) -> list[Path]:
+    """This process's share of a prediction batch: image files, and the images inside folders.
+
+    The batch is expanded (a folder gives its .png/.jpg/.jpeg/.tif/.tiff/.bmp files), ordered by
+    path and dealt round-robin: rank ``r`` of ``w`` gets items ``r, r + w, r + 2w, ...``, so the
+    ranks' shares are disjoint and together cover the batch once. ``rank`` and ``world_size``
+    default to torchrun's ``RANK`` and ``WORLD_SIZE`` (one process: everything). Outputs are
+    named by file stem, so two images with one stem are refused.
+    """
+    from pixelwise.data.datasets import _list_by_stem
+
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} must be in [0, world_size={world_size}); start ranks with torchrun")
+    files: list[Path] = []
+    for item in map(Path, images):
+        files.extend(_list_by_stem(item).values() if item.is_dir() else [item])
+    files.sort()
+    seen: dict[str, Path] = {}
+    for path in files:
+        if path.stem in seen:
+            raise ValueError(
+                f"{seen[path.stem]} and {path} share the name {path.stem!r}, so their outputs would collide; "
+                "predict them into different --out folders"
+            )
+        seen[path.stem] = path
+    return files[rank::world_size]
 
 
 def predict_files(
@@ -522,27 +636,34 @@ def predict_files(
     crf: str | None = None,
     runtime: str = "torch",
     progress: bool = False,
+    skip_existing: bool = False,
 ) -> list[Path]:
     """Segment image files with a saved model; returns the label PNGs written.
+
+    ``model_path`` is a ``.safetensors`` file from training, or an ``.onnx`` file from
+    ``pixelwise export`` (fp32 or ``--int8``) run with ``runtime="onnx"`` in tiles of its
+    exported size; its metadata holds the class names, palette and normalisation.
 
     For each ``NAME.ext`` writes into ``out``: ``NAME_labels.png`` (class ids, palette
     attached), ``NAME_colour.png`` (class colours) and ``NAME_overlay.png`` (colours
     over the image). ``runtime`` is ``"torch"``, ``"compile"`` or ``"onnx"``
     (see :func:`pixelwise.export.prepare_for_cpu`; ONNX needs ``tile`` and exports one
     graph per tile size it meets: the tile, clamped tiles of smaller images, TTA scales).
+    ``skip_existing`` leaves out images whose three files are all in ``out`` already (each
+    is written atomically), so an interrupted batch resumes where it stopped. Spread a batch
+    over processes with :func:`shard_images`.
 
-    With ``tile`` (and no ``crf``) labels come strip by strip from
-    :func:`sliding_window_labels`: besides the image (uint8 and normalised float) and its
-    labels, memory holds one strip of tiles, never a K x H x W array, TTA included. The
-    dense CRF needs the whole K x H x W probabilities; it is refused, saying what it needs,
-    when that exceeds the memory available.
+    With ``tile`` (and no ``crf``) labels come strip by strip (see :func:`segment_image`):
+    memory holds the image and its labels and one strip of tiles, never a K x H x W array,
+    TTA included. The dense CRF needs the whole K x H x W probabilities; it is refused,
+    saying what it needs, when that exceeds the memory available.
     """
     from PIL import Image
     from rich.progress import track
 
-    from pixelwise.data.transforms import ToTensor, to_float
+    from pixelwise.data.transforms import ToTensor
     from pixelwise.export import prepare_for_cpu
-    from pixelwise.io import atomic_write, read_image, write_mask
+    from pixelwise.io import atomic_write, check_output_folder, read_image, write_mask
     from pixelwise.models import load_model
     from pixelwise.report import colorize, overlay
 
@@ -550,42 +671,32 @@ def predict_files(
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ValueError(f"image file(s) not found: {', '.join(missing[:5])}; check the paths")
-    if runtime == "onnx" and tile is None:
-        raise ValueError("--runtime onnx needs --tile: the ONNX graph is exported for one fixed tile size")
-    model, extra = load_model(model_path)
-    model.eval()
-    in_channels = model.config["in_channels"]
-    if runtime == "onnx":
-        # no arena: it would keep every size's peak for the whole run (benchmarks/README.md)
-        predictor = _PerInputSize(lambda size: prepare_for_cpu(model, "onnx", tile=size, memory_arena=False))
+    out = check_output_folder(out)
+    if Path(model_path).suffix == ".onnx":
+        predictor, extra, tile = _exported_predictor(Path(model_path), runtime, tile)
+        in_channels = predictor.in_channels
     else:
-        predictor = prepare_for_cpu(model, runtime)
+        if runtime == "onnx" and tile is None:
+            raise ValueError("--runtime onnx needs --tile: the ONNX graph is exported for one fixed tile size")
+        model, extra = load_model(model_path)
+        model.eval()
+        in_channels = model.config["in_channels"]
+        if runtime == "onnx":  # one graph per input size; no arena, it would keep every size's peak (benchmarks/README.md)
+            predictor = _PerInputSize(lambda size: prepare_for_cpu(model, "onnx", tile=size, memory_arena=False))
+        else:
+            predictor = prepare_for_cpu(model, runtime)
     normalise = ToTensor(extra.get("mean"), extra.get("std"))
     palette = extra.get("palette") or [(0, 0, 0), (255, 255, 255)]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in track(paths, description="predicting", transient=True, disable=not progress):
+        if skip_existing and all((out / f"{path.stem}_{kind}.png").is_file() for kind in PREDICTION_KINDS):
+            continue
         raw = read_image(path)
         if raw.shape[-1] != in_channels:
             raise ValueError(f"image {path} has {raw.shape[-1]} channel(s) but the model takes {in_channels}")
         if crf is not None:
             _check_crf_memory(path, raw.shape[:2], len(palette))
-        if tile is not None and crf is None:  # strip-wise: never K x H x W, nor the image as float
-            pixels = torch.from_numpy(raw if raw.dtype == np.uint8 else to_float(raw)).permute(2, 0, 1)  # (C, H, W)
-            labels = sliding_window_labels(predictor, pixels, tile, overlap=overlap, scales=scales, flip=flip,
-                                           transform=lambda strip: _normalised(strip, normalise))
-        else:
-            x = torch.from_numpy(normalise.normalise(to_float(raw)).transpose(2, 0, 1).copy())[None]
-            probs = predict(predictor, x, tile=tile, overlap=overlap, scales=scales, flip=flip)[0]
-            del x
-            if crf is not None:
-                from pixelwise.crf import dense_crf
-                from pixelwise.report import _as_rgb_uint8
-
-                probs = torch.from_numpy(dense_crf(_as_rgb_uint8(raw), probs.numpy(), preset=crf))
-            labels = (probs[0] > 0.5) if probs.shape[0] == 1 else probs.argmax(0)
-            del probs
+        labels = segment_image(predictor, raw, normalise, tile=tile, overlap=overlap, scales=scales, flip=flip, crf=crf)
         labels = labels.numpy().astype(np.uint8 if len(palette) <= 256 else np.int64, copy=False)
         label_path = out / f"{path.stem}_labels.png"
         write_mask(label_path, labels, palette)

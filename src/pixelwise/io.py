@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
+import shutil
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,32 +15,68 @@ import numpy as np
 from PIL import Image
 
 
+def _temp_path(path: Path, make: Callable[[Path], None]) -> Path:
+    """Create a fresh ``.NAME.<random>.tmp`` beside ``path`` with ``make`` (which must fail if it exists)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            make(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
 
-    A crash or kill mid-write leaves the old file (or none), never a half-written one.
+    A crash or kill mid-write leaves the old file (or none), never a half-written one. The
+    file gets the usual permissions (0666 minus the umask, e.g. 0644), unlike ``mkstemp``'s 0600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        write(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_path(path, lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write there ({e.strerror})", str(path)) from e
+    try:
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
 
+def make_temp_dir(path: str | Path) -> Path:
+    """Create an empty folder beside ``path`` to fill and then rename to ``path`` (usual permissions)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _temp_path(path, lambda p: p.mkdir(mode=0o777))
+
+
+def check_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """Refuse an output folder that exists as a file, or lies below one (call before writing anything).
+
+    ``option`` names the setting in the message: ``--out`` (a CLI option) or ``out`` (a config key).
+    """
+    path = Path(path)
+    given = f"{option} {path}" if option.startswith("-") else f"{option}={path}"
+    blocking = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        where = "is an existing file" if blocking == path else f"lies below the file {blocking}"
+        raise ValueError(f"{given} {where}, not a folder; pick another output folder")
+    return path
+
+
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete the temporary files :func:`atomic_write` left in ``folder`` when killed mid-write; returns them.
+    """Delete the ``.NAME.<random>.tmp`` files and folders that :func:`atomic_write` and
+    :func:`make_temp_dir` left in ``folder`` when killed mid-write; returns them.
 
     Only call it when no other writer is active in ``folder`` (e.g. when a run resumes).
     """
-    stale = sorted(p for p in Path(folder).glob(".*.tmp") if p.is_file())
+    stale = sorted(Path(folder).glob(".*.tmp"))
     for path in stale:
-        path.unlink(missing_ok=True)
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return stale
 
 
@@ -230,21 +268,16 @@ def read_mask(
     return array.astype(np.int64)
 
 
-def write_mask(
-    path: str | Path, labels: np.ndarray, palette: Sequence[Sequence[int]] | None = None
-) -> Path:
-    """Write a label map as an 8-bit PNG, atomically.
+def encode_mask(labels: np.ndarray, palette: Sequence[Sequence[int]] | None = None, name: str = "labels") -> bytes:
+    """A label map as 8-bit PNG bytes (what :func:`write_mask` writes; ``name`` appears in errors).
 
     With ``palette`` the PNG is indexed (mode "P", viewers show class colours and
     :func:`read_mask` returns the ids); without it, a grey PNG whose values are the ids.
 
     Args:
-        path: Output ``.png`` file.
         labels: (H, W) integer class ids in 0..255.
         palette: RGB colour per id (at most 256); unlisted ids are black.
-
-    Returns:
-        The written path.
+        name: What the labels are, for error messages (e.g. the output path).
     """
     labels = np.asarray(labels)
     if labels.ndim != 2 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
@@ -253,7 +286,7 @@ def write_mask(
         )
     if labels.size and (labels.min() < 0 or labels.max() > 255):
         raise ValueError(
-            f"labels to write to {path} range {labels.min()}..{labels.max()}; an 8-bit PNG mask holds "
+            f"labels to write to {name} range {labels.min()}..{labels.max()}; an 8-bit PNG mask holds "
             "0..255 only: remap the ids (e.g. ignore -> 255)"
         )
     image = Image.fromarray(labels.astype(np.uint8))
@@ -262,4 +295,14 @@ def write_mask(
             raise ValueError(f"palette has {len(palette)} colours; a PNG palette holds at most 256")
         flat = [int(v) for colour in palette for v in colour[:3]]
         image.putpalette(flat + [0] * (768 - len(flat)))  # turns the "L" image into "P", values kept
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_mask(
+    path: str | Path, labels: np.ndarray, palette: Sequence[Sequence[int]] | None = None
+) -> Path:
+    """Write a label map as an 8-bit PNG (:func:`encode_mask`), atomically; returns ``path``."""
+    data = encode_mask(labels, palette, name=str(path))
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

@@ -401,3 +401,69 @@ def _average_precision(p: np.ndarray, r: np.ndarray) -> float:
     grid = np.linspace(0, 1, 101)
     inside = (grid >= r[0] - 1e-12) & (grid <= r[-1] + 1e-12)
     return float(np.interp(grid[inside], r, p).sum() / 100)
+
+
+def cell_segments(labels: np.ndarray, cell_class: int, ignore: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) class ids -> (H, W) segment ids: the 4-connected components of ``cell_class``
+    numbered from 1; 0 elsewhere and where ``ignore`` (a (H, W) bool mask) is set."""
+    from scipy import ndimage
+
+    cells = np.asarray(labels) == cell_class
+    if ignore is not None:
+        cells &= ~ignore
+    segments, _ = ndimage.label(cells)
+    return segments
+
+
+class SegmentScore:
+    """The ISBI 2012 challenge's segment measures of cell segmentations, mean over images.
+
+    Cells are the 4-connected components of ``cell_class`` in the truth and in the
+    prediction (:func:`cell_segments`). Per image, with scikit-image's definitions:
+    Rand error = 1 - adapted Rand F-score (Arganda-Carreras et al. 2015, pairs of pixels in
+    one segment; pixels outside every true cell, i.e. membrane and ``ignore_index``, are left
+    out) and the variation of information VI = H(truth | prediction) + H(prediction | truth)
+    in bits (Meila 2003; split part ``vi_split``, merge part ``vi_merge``) over the same
+    pixels. Also ``pixel_error`` = 1 - pixel accuracy of the class maps. The U-Net paper
+    reports Rand error 0.0382 and pixel error 0.0611 on the ISBI 2012 test stack.
+    """
+
+    def __init__(self, cell_class: int, ignore_index: int = 255) -> None:
+        self.cell_class, self.ignore_index = cell_class, ignore_index
+        # summed over images: rand error, VI split, VI merge, wrong pixels, scored pixels, images
+        self.totals = torch.zeros(6, dtype=torch.float64)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add one image: predicted and true class ids, both (H, W)."""
+        from skimage.metrics import adapted_rand_error, variation_of_information
+
+        pred, target = np.asarray(pred.cpu()), np.asarray(target.cpu())
+        ignore = target == self.ignore_index
+        truth = cell_segments(target, self.cell_class, ignore)
+        found = cell_segments(pred, self.cell_class)
+        if truth.any():
+            rand = adapted_rand_error(truth, found)[0]
+            split, merge = variation_of_information(truth, found, ignore_labels=(0,))
+        else:  # no true cell: nothing to split or merge
+            rand, split, merge = 0.0, 0.0, 0.0
+        wrong = int(((pred != target) & ~ignore).sum())
+        self.totals += torch.tensor([rand, split, merge, wrong, int((~ignore).sum()), 1], dtype=torch.float64)
+
+    def all_reduce(self) -> None:
+        """Sum the totals over all processes when torch.distributed is initialised."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.totals, op=dist.ReduceOp.SUM)
+
+    def compute(self) -> dict[str, float]:
+        rand, split, merge, wrong, pixels, images = self.totals.tolist()
+        if images == 0:
+            return {key: math.nan for key in ("rand_error", "variation_of_information", "vi_split", "vi_merge", "pixel_error")}
+        return {
+            "rand_error": rand / images,
+            "variation_of_information": (split + merge) / images,
+            "vi_split": split / images,
+            "vi_merge": merge / images,
+            "pixel_error": wrong / pixels if pixels else math.nan,
+        }

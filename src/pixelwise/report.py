@@ -283,7 +283,8 @@ def per_class_table(metrics: Mapping[str, Any]) -> Table:
     """A rich table of per-class IoU / accuracy / Dice (percent) and pixels.
 
     A last "mean" row holds mean IoU, class accuracy (mean recall) and mean Dice; the caption
-    gives pixel accuracy and frequency-weighted IoU.
+    gives pixel accuracy and frequency-weighted IoU, and the segment measures of
+    :class:`pixelwise.metrics.SegmentScore` when present.
 
     Args:
         metrics: Dict from :func:`pixelwise.metrics.metrics_from_confusion`.
@@ -317,6 +318,11 @@ def per_class_table(metrics: Mapping[str, Any]) -> Table:
         f"pixel accuracy {_pct(metrics.get('pixel_accuracy'))}   "
         f"frequency-weighted IoU {_pct(metrics.get('fw_iou'))}"
     )
+    if "rand_error" in metrics:
+        table.caption += (
+            f"\nRand error {metrics['rand_error']:.4f}   VI {metrics['variation_of_information']:.4f}   "
+            f"pixel error {metrics['pixel_error']:.4f}"
+        )
     return table
 
 
@@ -415,36 +421,3 @@ def write_eval_report(
         images, truth, pred = zip(*samples)
         save_overlay_grid(out / "overlays.png", images, truth, pred, palette)
     return metrics
-
-
-def write_run_report(run_dir: str | Path, cfg: Any, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Report of a training run: ``history.png``, then the best model evaluated on the validation split.
-
-    Loads ``run_dir/model_best.safetensors``, evaluates it on ``cfg.val_split`` of ``cfg.data``
-    (GPU when available) with the run's task and writes the task's report into ``run_dir``
-    (for the semantic task the files of :func:`write_eval_report`).
-
-    Args:
-        run_dir: The run folder written by :func:`pixelwise.training.train`.
-        cfg: The run's :class:`pixelwise.training.TrainConfig` (``data``, ``val_split``,
-            ``task``, ``mean``, ``std`` are used).
-        history: Per-epoch records (see :func:`plot_history`).
-
-    Returns:
-        The validation metrics.
-    """
-    import torch
-
-    from pixelwise.models import load_model
-    from pixelwise.tasks import get_task
-
-    run_dir = Path(run_dir)
-    plot_history(run_dir / "history.png", history)
-    model, extra = load_model(run_dir / "model_best.safetensors")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    task = get_task(cfg.task)
-    dataset = task.open_eval(cfg.data, cfg.val_split, {**extra, "mean": cfg.mean, "std": cfg.std})
-    result = task.evaluate(
-        model.to(device), dataset, device=device, scales=tuple(cfg.val_scales), mean=cfg.mean, std=cfg.std, keep_samples=4,
-    )
-    return task.write_report(run_dir, result, dataset)

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,11 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pixelwise.config import check_field_types, load_yaml
 from pixelwise.io import atomic_write, atomic_write_text, remove_stale_temp_files
-from pixelwise.models import create_model, save_model
+from pixelwise.models import create_model, load_model, save_model
 from pixelwise.models.registry import get_builder
+from pixelwise.report import plot_history
 from pixelwise.tasks import Task, get_task
 
 
@@ -46,7 +49,9 @@ class TrainConfig:
     on the class boundaries of the label maps.
     ``val_scales`` are the test-time scales of validation (e.g. ``[0.5]`` for a model
     trained on half-size crops); ``max_minutes`` fits the poly schedule after every epoch
-    so that training ends within the budget (the epochs of a resumed run's earlier parts count).
+    so that training ends within the budget (the epochs of a resumed run's earlier parts
+    count). ``val_fraction`` is the share of a plain folder (images/ + masks/, no train/
+    and val/) held out for validation.
     """
 
     data: str
@@ -81,8 +86,13 @@ class TrainConfig:
     val_every: int = 1
     val_scales: list[float] = field(default_factory=lambda: [1.0])
     threads: int | None = None
+    val_fraction: float = 0.2
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        for name in ("crop_size", "scale_range"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != 2:
+                raise ValueError(f"{name}={getattr(self, name)!r} must hold two numbers, e.g. [256, 256]")
         get_builder(self.model)
         get_task(self.task)
         if self.optimizer not in ("sgd", "adamw"):
@@ -112,8 +122,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist; pass a YAML file like configs/camvid.yaml")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+            raw = load_yaml(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
         if not isinstance(raw, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
@@ -125,13 +135,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         *parents, leaf = key.split(".")
         for p in parents:
             target = target.setdefault(p, {})
-        target[leaf] = yaml.safe_load(value)
+        target[leaf] = load_yaml(value)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
-    if "data" not in raw:
-        raise ValueError("the config needs a 'data' key (e.g. data=camvid:../shared/data/camvid or a folder path)")
+    if raw.get("data") in (None, ""):
+        raise ValueError("the config needs a 'data' value (e.g. data=camvid:../shared/data/camvid or a folder path)")
     return TrainConfig(**raw)
 
 
@@ -420,3 +430,31 @@ def _train_one_epoch(
             count += len(batch[0])
             bar.update(bar_task, advance=1, description=f"epoch {epoch}/{total_epochs} loss {total / count:.4f}")
     return total / max(count, 1)
+
+
+def write_run_report(run_dir: str | Path, cfg: TrainConfig, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Report of a training run: ``history.png``, then the best model evaluated on the validation split.
+
+    Loads ``run_dir/model_best.safetensors``, evaluates it on ``cfg.val_split`` of ``cfg.data``
+    (GPU when available) with the run's task and writes the task's report into ``run_dir``
+    (for the semantic task the files of :func:`pixelwise.report.write_eval_report`).
+
+    Args:
+        run_dir: The run folder written by :func:`pixelwise.training.train`.
+        cfg: The run's :class:`TrainConfig` (``data``, ``val_split``,
+            ``task``, ``mean``, ``std`` are used).
+        history: Per-epoch records (see :func:`pixelwise.report.plot_history`).
+
+    Returns:
+        The validation metrics.
+    """
+    run_dir = Path(run_dir)
+    plot_history(run_dir / "history.png", history)
+    model, extra = load_model(run_dir / "model_best.safetensors")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    task = get_task(cfg.task)
+    dataset = task.open_eval(cfg.data, cfg.val_split, {**extra, "mean": cfg.mean, "std": cfg.std})
+    result = task.evaluate(
+        model.to(device), dataset, device=device, scales=tuple(cfg.val_scales), mean=cfg.mean, std=cfg.std, keep_samples=4,
+    )
+    return task.write_report(run_dir, result, dataset)

@@ -17,7 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,7 +92,7 @@ class SegmentationDataset(Dataset):
         if 0 <= ignore_index < len(class_names):
             raise ValueError(
                 f"ignore_index={ignore_index} is a class id (0..{len(class_names) - 1}); choose a value "
-                "outside the class range, e.g. 255"
+                f"outside the class range, e.g. {255 if len(class_names) <= 255 else 65535}"
             )
         self.files = [(Path(i), Path(m)) for i, m in files]
         self.class_names = list(class_names)
@@ -252,20 +255,46 @@ def _find_classes_file(root: Path) -> Path | None:
     return None
 
 
-def infer_num_classes(mask_paths: Sequence[Path], ignore_index: int) -> int:
-    """1 + the largest mask value other than ``ignore_index`` over all masks (reads every mask)."""
-    top = -1
+def mask_values(mask_paths: Sequence[Path]) -> np.ndarray:
+    """Sorted distinct raw values over all readable masks (unreadable ones are skipped: check_dataset lists them)."""
+    values: set[int] = set()
     for path in mask_paths:
-        values = read_mask(path)
-        values = values[values != ignore_index]
-        if values.size:
-            top = max(top, int(values.max()))
-    if top < 0:
+        try:
+            values.update(np.unique(read_mask(path)).tolist())
+        except ValueError:
+            continue
+    if not values:
+        raise ValueError(f"no mask under {Path(mask_paths[0]).parent} could be read; run `pixelwise check-data` to see why")
+    return np.array(sorted(values), dtype=np.int64)
+
+
+BINARY_FOREGROUND = (255, 65535)
+"""Foreground value of 8- and 16-bit binary masks (0 = background) without a classes file."""
+
+
+def infer_classes(mask_paths: Sequence[Path], ignore_index: int) -> tuple[int, int | None]:
+    """Number of classes from the mask values, and whether the masks look binary. Reads every mask.
+
+    Returns:
+        ``(K, foreground)``: K = 1 + the largest value other than ``ignore_index``;
+        ``foreground`` is 255 (65535) when the masks hold exactly the values 0 and 255 (0 and
+        65535), else None. The caller decides whether to read such masks as binary.
+    """
+    values = mask_values(mask_paths)
+    binary = len(values) == 2 and values[0] == 0 and values[1] in BINARY_FOREGROUND
+    labels = values[values != ignore_index]
+    if not labels.size and not binary:
         raise ValueError(
             f"every mask under {Path(mask_paths[0]).parent} holds only ignore_index={ignore_index}; "
             "nothing to learn from"
         )
-    return top + 1
+    return int(labels.max()) + 1 if labels.size else 0, int(values[1]) if binary else None
+
+
+@functools.cache
+def notice(message: str) -> None:
+    """Tell the user (once per message) how the data were read: logged as a warning of "pixelwise"."""
+    logging.getLogger("pixelwise").warning(message)
 
 
 # ---------------------------------------------------------------------------
@@ -285,7 +314,9 @@ class FolderDataset(SegmentationDataset):
     otherwise ``num_classes`` is inferred as 1 + the largest mask value, which reads every
     mask once when the data set is built (a few seconds per thousand 512x512 PNG masks; write a
     classes file or pass ``num_classes`` to skip it). Default names are ``class_0``..., default
-    colours the VOC colour map.
+    colours the VOC colour map. Masks holding only 0 and 255 (or 0 and 65535), with no classes
+    file, ``num_classes`` or ``ignore_index`` given, are binary: "background" (0) and
+    "foreground" (255 or 65535 -> id 1); a one-line note says so.
 
     Args:
         root: Data set folder.
@@ -296,6 +327,8 @@ class FolderDataset(SegmentationDataset):
         class_names: K class names.
         palette: K RGB colours.
         transform: Joint transform; default :func:`~pixelwise.data.transforms.eval_transform`.
+        infer_from: Masks to infer the classes from when nothing gives them (default: this
+            folder's), so that several splits agree.
     """
 
     def __init__(
@@ -308,6 +341,7 @@ class FolderDataset(SegmentationDataset):
         class_names: Sequence[str] | None = None,
         palette: Sequence[Colour] | None = None,
         transform: Transform | None = None,
+        infer_from: Sequence[Path] | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -323,6 +357,7 @@ class FolderDataset(SegmentationDataset):
 
         classes_path = _find_classes_file(self.root)
         info = read_classes_file(classes_path) if classes_path is not None else None
+        default_ignore = ignore_index is None and (info is None or info.ignore_index is None)
         if ignore_index is None:
             ignore_index = info.ignore_index if info is not None and info.ignore_index is not None else 255
         explicit_palette = palette if palette is not None else (info.palette if info is not None else None)
@@ -343,7 +378,25 @@ class FolderDataset(SegmentationDataset):
             mask_palette = {tuple(int(v) for v in c): i for i, c in enumerate(explicit_palette)}
             if info is not None and info.ignore_color is not None:
                 mask_palette[info.ignore_color] = ignore_index
-        k = known[0] if known else infer_num_classes([m for _, m in files], ignore_index)
+        self.binary_foreground: int | None = None
+        if known:
+            k = known[0]
+        else:
+            masks_read = list(infer_from) if infer_from is not None else [m for _, m in files]
+            k, foreground = infer_classes(masks_read, ignore_index)
+            if foreground is not None and default_ignore:
+                k, self.binary_foreground = 2, foreground
+                class_names, explicit_palette = ["background", "foreground"], [(0, 0, 0), (255, 255, 255)]
+                notice(
+                    f"masks in {mask_dir} hold only 0 and {foreground} and there is no {CLASSES_FILE}: reading them as "
+                    f"binary, background (0) and foreground ({foreground}); write a {CLASSES_FILE} to set the classes"
+                )
+            elif default_ignore and k > ignore_index:
+                raise ValueError(
+                    f"masks in {mask_dir} hold values up to {k - 1}, so the default ignore_index {ignore_index} is "
+                    f"a class id; write a {CLASSES_FILE} (in {self.root}) naming the classes and an "
+                    f"ignore_index outside 0..{k - 1}, e.g. 65535"
+                )
         if k < 1:
             raise ValueError(f"num_classes must be >= 1, got {k}")
         super().__init__(
@@ -354,6 +407,12 @@ class FolderDataset(SegmentationDataset):
             transform=transform,
             mask_palette=mask_palette,
         )
+
+    def mask_to_ids(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        """Binary masks: foreground (255 or 65535) -> 1; otherwise the values are the ids."""
+        if self.binary_foreground is None:
+            return raw
+        return np.where(raw == self.binary_foreground, 1, raw)
 
 
 CAMVID_CLASSES = [
@@ -405,7 +464,8 @@ class ISBI2012(SegmentationDataset):
     """ISBI 2012 EM slices: ``root/images/NN.png`` (grey) + ``root/labels/NN.png``.
 
     Label 255 (cell interior) -> class 1 "cell", 0 (membrane) -> class 0 "membrane";
-    ``ignore_index`` 255 (never present in the labels). Images have C = 1.
+    ``ignore_index`` 255 (never present in the labels). Images have C = 1. ``cell_class``
+    asks evaluation for the challenge's segment measures (Rand error, VI) of the cells.
 
     Args:
         root: Folder holding ``images/`` and ``labels/``.
@@ -413,6 +473,8 @@ class ISBI2012(SegmentationDataset):
             None keeps all.
         transform: Joint transform; default :func:`~pixelwise.data.transforms.eval_transform`.
     """
+
+    cell_class = 1
 
     def __init__(
         self, root: str | Path, indices: Sequence[int] | None = None, transform: Transform | None = None
@@ -685,25 +747,40 @@ DATASET_FORMS = (
     "or a folder PATH with images/ + masks/ (or train/ and val/ sub-folders that each have them)"
 )
 ISBI_VAL_SLICES = 5
+HOLDOUT_SEED = 0
 
 
 def _is_folder_dataset(path: Path) -> bool:
     return (path / "images").is_dir() and (path / "masks").is_dir()
 
 
-def open_dataset(spec: str | Path, split: str, transform: Transform | None = None) -> SegmentationDataset:
+def holdout_indices(n: int, val_fraction: float) -> list[int]:
+    """Positions of the pairs held out for validation: ``round(n * val_fraction)`` (at least 1,
+    at most n - 1) of ``n`` name-sorted pairs, drawn with a fixed seed (the same every run)."""
+    if n < 2:
+        raise ValueError("a validation split needs at least 2 pairs")
+    count = min(n - 1, max(1, round(n * val_fraction)))
+    return sorted(np.random.default_rng(HOLDOUT_SEED).permutation(n)[:count].tolist())
+
+
+def open_dataset(
+    spec: str | Path, split: str, transform: Transform | None = None, val_fraction: float = 0.2
+) -> SegmentationDataset:
     """Open a data set from a command-line style spec.
 
     Forms: ``camvid:PATH``, ``isbi2012:PATH``, ``voc:PATH``, ``cityscapes:PATH``, or a folder
     ``PATH`` for :class:`FolderDataset`. A folder with ``train/`` and ``val/`` sub-folders,
-    each holding ``images/`` + ``masks/``, opens ``PATH/split``; a folder with ``images/`` +
-    ``masks/`` itself is used for every split. ISBI 2012 has no official split: "train" is
-    every slice but the last 5, "val" the last 5, "all" every slice.
+    each holding ``images/`` + ``masks/``, opens ``PATH/split``. A folder with ``images/`` +
+    ``masks/`` itself holds out ``val_fraction`` of its pairs (whole files, a fixed seeded draw,
+    see :func:`holdout_indices`) as "val"; "train" is the rest, "all" every pair; a note names
+    the held-out files. ISBI 2012 has no official split: "train" is every slice but the last 5,
+    "val" the last 5, "all" every slice.
 
     Args:
         spec: Data set spec.
-        split: "train", "val" (or "test", or a VOC list name).
+        split: "train", "val" (or "test", "all", or a VOC list name).
         transform: Joint transform; default :func:`~pixelwise.data.transforms.eval_transform`.
+        val_fraction: Share of a plain folder's pairs held out for "val", in (0, 1).
 
     Returns:
         The data set.
@@ -728,19 +805,48 @@ def open_dataset(spec: str | Path, split: str, transform: Transform | None = Non
     path = Path(text)
     if sep and len(prefix) > 1 and prefix.isidentifier() and not path.exists():
         raise ValueError(f"unknown data set {text!r}: prefix {prefix!r} is not recognised; use {DATASET_FORMS}")
+    if not text:
+        raise ValueError(f"the data set is empty; use {DATASET_FORMS}")
     if not path.is_dir():
         raise ValueError(f"data set folder {path} does not exist; use {DATASET_FORMS}")
     split_dirs = [d for d in ("train", "val") if _is_folder_dataset(path / d)]
     if split_dirs == ["train", "val"]:
         if not _is_folder_dataset(path / split):
             raise ValueError(f"split {split!r} has no folder {path / split} with images/ and masks/")
-        num_classes = None
-        if _find_classes_file(path / split) is None:
-            # Infer over all splits so train and val agree on the number of classes.
-            masks = [m for d in path.iterdir() if _is_folder_dataset(d) for m in _list_by_stem(d / "masks").values()]
-            num_classes = infer_num_classes(masks, 255)
-        return FolderDataset(path / split, num_classes=num_classes, transform=transform)
+        # Infer the classes over all splits so that train and val agree.
+        masks = [m for d in sorted(path.iterdir()) if _is_folder_dataset(d) for m in _list_by_stem(d / "masks").values()]
+        return FolderDataset(path / split, transform=transform, infer_from=masks)
     if _is_folder_dataset(path):
-        return FolderDataset(path, transform=transform)
+        return _held_out_split(path, split, transform, val_fraction)
     raise ValueError(f"folder {path} has neither images/ + masks/ nor train/ and val/ sub-folders with them; "
                      f"use {DATASET_FORMS}")
+
+
+def _held_out_split(path: Path, split: str, transform: Transform | None, val_fraction: float) -> FolderDataset:
+    """Split ``path`` (images/ + masks/) into "train" and a held-out "val" (see :func:`open_dataset`)."""
+    if split not in ("train", "val", "all"):
+        raise ValueError(
+            f"split {split!r} of folder {path}: a folder without train/ and val/ sub-folders has the splits "
+            "train, val (held out) and all"
+        )
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction!r} must be a number between 0 and 1 (exclusive), e.g. 0.2")
+    whole = FolderDataset(path, transform=transform)
+    if split == "all":
+        return whole
+    n = len(whole.files)
+    if n < 2:
+        raise ValueError(
+            f"folder {path} has {n} image/mask pair; holding out a validation split needs at least 2: add "
+            "images, or make train/ and val/ sub-folders (each with images/ and masks/)"
+        )
+    held = holdout_indices(n, val_fraction)
+    names = [whole.files[i][0].name for i in held]
+    notice(
+        f"{path} has no train/ and val/ sub-folders: {len(held)} of its {n} pairs (val_fraction={val_fraction}) "
+        f"are held out for validation: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}"
+    )
+    keep = held if split == "val" else sorted(set(range(n)) - set(held))
+    part = copy.copy(whole)  # same classes and transform, without reading the masks again
+    part.files = [whole.files[i] for i in keep]
+    return part

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -25,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pixelwise.data.datasets import ClassInfo, write_classes_file
-from pixelwise.io import write_mask
+from pixelwise.io import make_temp_dir, write_mask
 
 SHAPE_NAMES = ["ellipse", "rectangle", "triangle", "ring", "cross", "diamond", "star"]
 MAX_CLASSES = len(SHAPE_NAMES) + 1
@@ -191,7 +190,7 @@ def write_synthetic_dataset(
         raise ValueError(f"n_train and n_val must be >= 1, got {n_train} and {n_val}")
     info = synthetic_classes(num_classes)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+    tmp = make_temp_dir(root)
     try:
         for split_id, (split, count) in enumerate((("train", n_train), ("val", n_val))):
             (tmp / split / "images").mkdir(parents=True)

@@ -24,6 +24,12 @@ cropped back, so any size works.
 
 In brackets: the count with the BN running mean and variance included, as Lasagne's
 ``count_params`` counts them; that is what the paper's 3.5M and 9.4M match.
+
+``memory_efficient=True`` trades compute for training memory as in Pleiss et al., "Memory-
+Efficient Implementation of DenseNets" (https://arxiv.org/abs/1707.06990): each dense layer's
+concatenation -> BN -> ReLU -> conv is recomputed in the backward pass (``torch.utils.checkpoint``)
+instead of keeping the concatenated and normalised maps of every layer, which grow with depth.
+Outputs, gradients and state-dict keys are those of the plain model.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pixelwise.models.layers import crop_to, pad_to_multiple
 
@@ -47,22 +55,55 @@ class DenseLayer(nn.Sequential):
             nn.Dropout(dropout),
         )
 
+    def checkpointed(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """``self(torch.cat(features, 1))``, keeping none of its intermediate maps for backward.
+
+        They are recomputed in the backward pass; the recomputation uses the same dropout mask
+        (checkpoint restores the RNG state) and does not update the BN running statistics a
+        second time.
+        """
+        norm, relu, conv, drop = self
+        first_run = True
+
+        def run(*maps: torch.Tensor) -> torch.Tensor:
+            nonlocal first_run
+            x = torch.cat(maps, 1)
+            if first_run:
+                x = norm(x)
+            else:  # recomputation in backward: the same batch statistics, updating copies of the running ones
+                stats = (norm.running_mean.clone(), norm.running_var.clone())
+                x = F.batch_norm(x, *stats, norm.weight, norm.bias, True, 0.0, norm.eps)
+            first_run = False
+            return drop(conv(relu(x)))
+
+        return checkpoint(run, *features, use_reentrant=False)
+
 
 class DenseBlock(nn.Module):
     """``num_layers`` dense layers, each fed the input and all earlier layers' outputs.
 
     Shapes: (N, C, H, W) -> the new maps only, (N, num_layers * growth_rate, H, W); callers
     concatenate the input themselves where the paper keeps it (the down path).
+    ``memory_efficient`` recomputes each layer in backward (:meth:`DenseLayer.checkpointed`)
+    when training with gradients; the result is the same.
     """
 
-    def __init__(self, in_channels: int, growth_rate: int, num_layers: int, dropout: float) -> None:
+    def __init__(
+        self, in_channels: int, growth_rate: int, num_layers: int, dropout: float, memory_efficient: bool = False
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             DenseLayer(in_channels + i * growth_rate, growth_rate, dropout) for i in range(num_layers)
         )
         self.out_channels = num_layers * growth_rate
+        self.memory_efficient = memory_efficient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.memory_efficient and self.training and torch.is_grad_enabled():
+            features = [x]
+            for layer in self.layers:
+                features.append(layer.checkpointed(features))
+            return torch.cat(features[1:], 1)
         new = []
         for layer in self.layers:
             out = layer(x)
@@ -110,6 +151,8 @@ class FCDenseNet(nn.Module):
         growth_rate: k, maps added by each dense layer.
         first_channels: output width of the first 3x3 conv (48).
         dropout: dropout probability after every conv (0.2).
+        memory_efficient: recompute dense layers in backward to lower peak training memory
+            (see the module docstring); same outputs, gradients and state-dict keys.
 
     Shapes: (N, in_channels, H, W) -> (N, K, H, W) for any H, W.
     """
@@ -123,6 +166,7 @@ class FCDenseNet(nn.Module):
         growth_rate: int = 16,
         first_channels: int = 48,
         dropout: float = 0.2,
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -135,17 +179,17 @@ class FCDenseNet(nn.Module):
         self.down_blocks = nn.ModuleList()
         self.trans_down = nn.ModuleList()
         for n in block_layers:
-            self.down_blocks.append(DenseBlock(channels, growth_rate, n, dropout))
+            self.down_blocks.append(DenseBlock(channels, growth_rate, n, dropout, memory_efficient))
             channels += n * growth_rate
             skip_channels.append(channels)
             self.trans_down.append(TransitionDown(channels, dropout))
-        self.bottleneck = DenseBlock(channels, growth_rate, bottleneck_layers, dropout)
+        self.bottleneck = DenseBlock(channels, growth_rate, bottleneck_layers, dropout, memory_efficient)
         up_channels = self.bottleneck.out_channels
         self.trans_up = nn.ModuleList()
         self.up_blocks = nn.ModuleList()
         for n, skip in zip(reversed(block_layers), reversed(skip_channels)):
             self.trans_up.append(TransitionUp(up_channels))
-            self.up_blocks.append(DenseBlock(up_channels + skip, growth_rate, n, dropout))
+            self.up_blocks.append(DenseBlock(up_channels + skip, growth_rate, n, dropout, memory_efficient))
             channels = up_channels + skip + n * growth_rate
             up_channels = n * growth_rate
         self.head = nn.Conv2d(channels, num_classes, 1)
@@ -170,19 +214,25 @@ class FCDenseNet(nn.Module):
         return crop_to(self.head(torch.cat([x, new], 1)), h, w, 0, 0)
 
 
-def fcdensenet56(*, num_classes: int, in_channels: int = 3, dropout: float = 0.2) -> FCDenseNet:
+def fcdensenet56(
+    *, num_classes: int, in_channels: int = 3, dropout: float = 0.2, memory_efficient: bool = False
+) -> FCDenseNet:
     """FC-DenseNet56: 4 layers per block, growth rate 12."""
-    return FCDenseNet(num_classes, in_channels, (4,) * 5, 4, 12, dropout=dropout)
+    return FCDenseNet(num_classes, in_channels, (4,) * 5, 4, 12, dropout=dropout, memory_efficient=memory_efficient)
 
 
-def fcdensenet67(*, num_classes: int, in_channels: int = 3, dropout: float = 0.2) -> FCDenseNet:
+def fcdensenet67(
+    *, num_classes: int, in_channels: int = 3, dropout: float = 0.2, memory_efficient: bool = False
+) -> FCDenseNet:
     """FC-DenseNet67: 5 layers per block, growth rate 16."""
-    return FCDenseNet(num_classes, in_channels, (5,) * 5, 5, 16, dropout=dropout)
+    return FCDenseNet(num_classes, in_channels, (5,) * 5, 5, 16, dropout=dropout, memory_efficient=memory_efficient)
 
 
-def fcdensenet103(*, num_classes: int, in_channels: int = 3, dropout: float = 0.2) -> FCDenseNet:
+def fcdensenet103(
+    *, num_classes: int, in_channels: int = 3, dropout: float = 0.2, memory_efficient: bool = False
+) -> FCDenseNet:
     """FC-DenseNet103: blocks 4, 5, 7, 10, 12, bottleneck 15, growth rate 16."""
-    return FCDenseNet(num_classes, in_channels, (4, 5, 7, 10, 12), 15, 16, dropout=dropout)
+    return FCDenseNet(num_classes, in_channels, (4, 5, 7, 10, 12), 15, 16, dropout=dropout, memory_efficient=memory_efficient)
 
 
 MODELS = {

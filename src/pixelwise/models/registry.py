@@ -75,7 +75,13 @@ def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by :func:`save_model`; returns ``(model, extra)``. Never unpickles."""
+    """Rebuild a model saved by :func:`save_model`; returns ``(model, extra)``. Never unpickles.
+
+    Raises:
+        ValueError: A file is missing or unreadable, or the weights do not fit the model the
+            JSON describes; the message names the file.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path).with_suffix(".safetensors")
@@ -83,9 +89,43 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     for p in (path, meta_path):
         if not p.is_file():
             raise ValueError(f"checkpoint file {str(p)!r} does not exist; pass a .safetensors written by pixelwise")
-    meta = json.loads(meta_path.read_text())
-    config = dict(meta["model"])
-    model = create_model(config.pop("name"), **config)
-    model.load_state_dict(load_file(str(path)))
+    fix = f"it must be the JSON that pixelwise wrote beside {path.name}"
+    try:
+        meta = json.loads(meta_path.read_text())
+        config = dict(meta["model"])
+        name = config.pop("name")
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, not UTF-8, no model entry
+        raise ValueError(f"model file {str(meta_path)!r} is not a pixelwise model description ({e!r}); {fix}") from e
+    try:
+        model = create_model(name, **config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"model file {str(meta_path)!r} describes no model pixelwise can build: {e}; {fix}") from e
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"cannot read weights file {str(path)!r} ({e}); it is truncated or not a safetensors file: "
+            "copy it again or retrain"
+        ) from e
+    mismatch = _state_mismatch(model, state)
+    if mismatch:
+        raise ValueError(
+            f"weights file {str(path)!r} does not fit the model described in {str(meta_path)!r} "
+            f"({name}, num_classes={config.get('num_classes')}): {mismatch}; the .json and .safetensors must "
+            "come from the same save"
+        )
+    model.load_state_dict(state)
     return model, meta.get("extra", {})
 
+
+def _state_mismatch(model: nn.Module, state: dict[str, Any]) -> str:
+    """'' when ``state`` fits ``model`` exactly, else a short account of missing, extra and misshapen tensors."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+             ((missing, "tensors missing"), (extra, "unexpected tensors"), (shapes, "tensors of another shape"))
+             if keys]
+    return ", ".join(parts)

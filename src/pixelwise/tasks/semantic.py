@@ -12,7 +12,8 @@ from torch.utils.data import Dataset
 from pixelwise.data import eval_transform, open_dataset, train_transform
 from pixelwise.evaluation import EvalResult, evaluate
 from pixelwise.losses import build_loss, class_pixel_counts, enet_weights, median_frequency_weights, unet_weight_map
-from pixelwise.metrics import BoundaryFScore, ConfusionMatrix, label_boundaries
+from pixelwise.metrics import BoundaryFScore, ConfusionMatrix, SegmentScore, label_boundaries
+from pixelwise.report import write_eval_report
 from pixelwise.tasks.base import Task, register_task
 
 
@@ -30,24 +31,31 @@ class _AuxView(nn.Module):
 
 
 class _ClassScorer:
-    """Confusion matrix over class ids: pixel/class accuracy, IoU, mIoU, FWIoU, Dice."""
+    """Confusion matrix over class ids: pixel/class accuracy, IoU, mIoU, FWIoU, Dice; with a
+    ``cell_class`` also the segment measures of :class:`pixelwise.metrics.SegmentScore`."""
 
     sharded = True
 
-    def __init__(self, num_classes: int, ignore_index: int, class_names: list[str] | None) -> None:
+    def __init__(self, num_classes: int, ignore_index: int, class_names: list[str] | None, cell_class: int | None) -> None:
         self.matrix = ConfusionMatrix(num_classes, ignore_index)
+        self.segments = SegmentScore(cell_class, ignore_index) if cell_class is not None else None
         self.class_names = class_names
 
     def add(self, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         pred = probs.argmax(0)
         self.matrix.update(pred[None], labels[None])
+        if self.segments is not None:
+            self.segments.update(pred, labels)
         return pred
 
     def all_reduce(self) -> None:
         self.matrix.all_reduce()
+        if self.segments is not None:
+            self.segments.all_reduce()
 
     def compute(self) -> dict[str, Any]:
-        return self.matrix.compute(self.class_names)
+        metrics = self.matrix.compute(self.class_names)
+        return {**metrics, **self.segments.compute()} if self.segments is not None else metrics
 
     def confusion(self) -> torch.Tensor:
         return self.matrix.matrix.clone()
@@ -110,18 +118,30 @@ class SemanticTask(Task):
             crop_size=tuple(cfg.crop_size) if cfg.crop_size else None, scale_range=tuple(cfg.scale_range),
             hflip=cfg.hflip, color_jitter=cfg.color_jitter, elastic=cfg.elastic, mean=cfg.mean, std=cfg.std,
         )
-        train_set = open_dataset(cfg.data, cfg.train_split, transform=transform)
-        return train_set, self.open_eval(cfg.data, cfg.val_split, {"mean": cfg.mean, "std": cfg.std})
+        train_set = open_dataset(cfg.data, cfg.train_split, transform=transform, val_fraction=cfg.val_fraction)
+        val_extra = {"mean": cfg.mean, "std": cfg.std, "val_fraction": cfg.val_fraction}
+        return train_set, self.open_eval(cfg.data, cfg.val_split, val_extra)
 
     def open_eval(self, data: str, split: str, extra: dict[str, Any]) -> Dataset:
-        return open_dataset(data, split, transform=eval_transform(mean=extra.get("mean"), std=extra.get("std")))
+        """The split (a plain folder holds out the model's ``val_fraction``), checked against the
+        model's classes when ``extra`` names them."""
+        transform = eval_transform(mean=extra.get("mean"), std=extra.get("std"))
+        dataset = open_dataset(data, split, transform=transform, val_fraction=extra.get("val_fraction", 0.2))
+        names = extra.get("class_names")
+        if names is not None and len(names) != self.output_channels(dataset):
+            raise ValueError(
+                f"the model was trained on {len(names)} classes ({', '.join(names)}) but {data} ({split}) has "
+                f"{dataset.num_classes} ({', '.join(dataset.class_names)}); evaluate on data labelled with the "
+                "model's classes"
+            )
+        return dataset
 
     def output_channels(self, train_set: Any) -> int:
         return train_set.num_classes
 
     def model_extra(self, train_set: Any, cfg: Any) -> dict[str, Any]:
         return {"class_names": train_set.class_names, "palette": train_set.palette, "ignore_index": train_set.ignore_index,
-                "mean": cfg.mean, "std": cfg.std}
+                "mean": cfg.mean, "std": cfg.std, "val_fraction": cfg.val_fraction}
 
     def setup(self, cfg: Any, train_set: Any, model: nn.Module, device: torch.device) -> None:
         self.ignore_index = train_set.ignore_index
@@ -161,15 +181,14 @@ class SemanticTask(Task):
         )
 
     def scorer(self, dataset: Any) -> _ClassScorer:
-        return _ClassScorer(dataset.num_classes, dataset.ignore_index, getattr(dataset, "class_names", None))
+        return _ClassScorer(dataset.num_classes, dataset.ignore_index, getattr(dataset, "class_names", None),
+                            getattr(dataset, "cell_class", None))
 
     def evaluate(self, model: nn.Module, dataset: Dataset, **options: Any) -> EvalResult:
         """Options of :func:`pixelwise.evaluation.evaluate` (``device``, ``tile``, ``scales``, ``flip``, ``crf``, ...)."""
         return evaluate(model, dataset, self.scorer(dataset), **options)
 
     def write_report(self, out: str | Path, result: EvalResult, dataset: Any) -> dict[str, Any]:
-        from pixelwise.report import write_eval_report
-
         return write_eval_report(out, result, dataset.class_names, dataset.palette)
 
 
