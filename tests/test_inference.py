@@ -511,3 +511,21 @@ def test_crf_on_an_image_too_big_for_memory_says_what_it_needs(saved_model, tmp_
     with pytest.raises(ValueError, match=r"--crf on .*big.png \(96 x 64, 6 classes\) needs about 6 MiB"):
         inference.predict_files([image], path, tmp_path / "out", tile=16, crf="deeplab_v2")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_fixed_size_predictor_runs_smaller_tiles_padded_and_refuses_larger():
+    sizes = []
+
+    def graph(x):  # like an exported ONNX file: one input size only
+        assert tuple(x.shape[-2:]) == (16, 16)
+        sizes.append(tuple(x.shape))
+        return 2.0 * x
+
+    fixed = inference._FixedSize(graph, (16, 16))
+    image = torch.randn(1, 3, 12, 20, generator=torch.Generator().manual_seed(13))
+    probs = sliding_window(fixed, image, tile=16, overlap=0.5, flip=True)  # tile clamped to 12 x 16
+    torch.testing.assert_close(probs, (2 * image).softmax(1), atol=1e-6, rtol=0)  # pointwise: padding is invisible
+    sliding_window(fixed, image, tile=16, overlap=0.5, scales=(0.5,))  # 6 x 8 tiles, padded too
+    assert len(sizes) == 2 * 2 + 2  # 2 windows (x = 0, 4; step 8), flipped too; then 2 at scale 0.5
+    with pytest.raises(ValueError, match="runs 16x16 inputs, got 24x24"):
+        fixed(torch.zeros(1, 3, 24, 24))
