@@ -51,16 +51,56 @@ def test_output_stride_8_computes_the_stride_16_features_densely(depth: int) -> 
     torch.testing.assert_close(c5_8[..., ::2, ::2], c5_16, rtol=1e-4, atol=1e-4)
 
 
-def test_multi_grid_rates() -> None:
+def test_multi_grid_rates_are_unit_rates_times_the_block_rate() -> None:
+    # DeepLab v3, Sec. 3.2: "when output_stride = 16 and Multi_Grid = (1, 2, 4), the three
+    # convolutions will have rates = 2 * (1, 2, 4) = (2, 4, 8) in the block4".
     net = ResNet(50, output_stride=16, multi_grid=(1, 2, 4))
-    assert [b.conv2.dilation[0] for b in net.layer4] == [1, 4, 8]
+    assert [b.conv2.dilation[0] for b in net.layer4] == [2, 4, 8]
+    assert [b.conv2.padding[0] for b in net.layer4] == [2, 4, 8]
     assert [b.conv2.stride[0] for b in net.layer4] == [1, 1, 1]
-    net.set_output_stride(32, (1, 1, 1))
+    net.set_output_stride(8, (1, 2, 4))  # block rate 4
+    assert [b.conv2.dilation[0] for b in net.layer4] == [4, 8, 16]
+    assert [b.conv2.dilation[0] for b in net.layer3] == [1] + [2] * 5
+    net.set_output_stride(32, (1, 2, 4))  # no atrous block: the unit rates themselves
+    assert [b.conv2.dilation[0] for b in net.layer4] == [1, 2, 4]
     assert [b.conv2.stride[0] for b in net.layer4] == [2, 1, 1]
+    # Without multi-grid: torchvision's replace_stride_with_dilation, first block at the old rate.
+    net.set_output_stride(16)
+    assert [b.conv2.dilation[0] for b in net.layer4] == [1, 2, 2]
     with pytest.raises(ValueError, match="multi_grid"):
         net.set_output_stride(16, (1, 2))
     with pytest.raises(ValueError, match="output_stride=4"):
         net.set_output_stride(4)
+
+
+def test_multi_grid_output_stride_8_computes_the_stride_16_features_densely() -> None:
+    torch.manual_seed(0)
+    net = ResNet(50, output_stride=16, multi_grid=(1, 2, 4)).eval()
+    x = torch.randn(1, 3, 33, 49)
+    with torch.no_grad():
+        c5_16 = net(x)["c5"]
+        net.set_output_stride(8, (1, 2, 4))
+        c5_8 = net(x)["c5"]
+    torch.testing.assert_close(c5_8[..., ::2, ::2], c5_16, rtol=1e-4, atol=1e-4)
+
+
+def test_deep_stem_is_three_3x3_convs_and_keeps_the_strides() -> None:
+    with torch.device("meta"):
+        deep, standard = ResNet(50, stem="deep"), ResNet(50)
+    convs = [m for m in deep.conv1 if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 64, (3, 3), (2, 2)), (64, 64, (3, 3), (1, 1)), (64, 128, (3, 3), (1, 1))
+    ]
+    # Extra parameters: the three convs and two BNs replace the 7x7 conv, bn1 doubles, and
+    # layer1.0 reads 128 instead of 64 channels (conv1 1x1 to 64, downsample 1x1 to 256).
+    extra = (3 * 64 * 9 + 64 * 64 * 9 + 64 * 128 * 9 + 2 * 2 * 64) - 3 * 64 * 49 + 2 * 64 + 64 * 64 + 64 * 256
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(deep) - n(standard) == extra
+    x = torch.randn(1, 3, 33, 47)
+    feats = ResNet(18, stem="deep").eval()(x)
+    assert feats["c1"].shape == (1, 128, 17, 24) and feats["c5"].shape[-2:] == (2, 2)
+    with pytest.raises(ValueError, match="stem='wide'"):
+        ResNet(18, stem="wide")
 
 
 def test_load_torchvision_style_checkpoint_from_local_file(tmp_path) -> None:

@@ -104,8 +104,10 @@ def test_export_writes_an_onnx_file(trained, tmp_path) -> None:
 def test_models_lists_the_registry_with_parameter_counts() -> None:
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0
-    assert "40,352,181" in result.output  # deeplabv3plus, ResNet-50, 21 classes
-    assert all(name in result.output for name in ("fcn8s", "segnet_basic", "hed", "fcdensenet103"))
+    assert "41,055,413" in result.output  # deeplabv3plus default: Xception-65, separable, 21 classes
+    assert "251,805,653" in result.output  # deconvnet (derived in test_models_deconv_refine.py)
+    names = ("fcn8s", "segnet_basic", "hed", "fcdensenet103", "deconvnet", "refinenet", "deeplabv3_cascade", "deeplabv1_msc")
+    assert all(name in result.output for name in names)
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from pixelwise.data import (
     train_transform,
     write_synthetic_dataset,
 )
+from pixelwise.data.transforms import elastic_warp, grid_elastic_field
 from pixelwise.io import read_image, read_mask, write_mask
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -556,3 +557,48 @@ def test_binary_looking_masks_with_an_explicit_ignore_index_keep_it(tmp_path):
     ds = FolderDataset(root, ignore_index=255)  # 255 said to be ignore: one class, 0
     assert ds.num_classes == 1 and ds.binary_foreground is None
     assert check_dataset(ds).ignore_pixels == 6
+
+
+def test_grid_elastic_field_has_the_papers_10_px_vectors_at_the_3x3_nodes():
+    # U-Net Sec. 3.1: "random displacement vectors on a coarse 3 by 3 grid ... sampled from a
+    # Gaussian distribution with 10 pixels standard deviation ... bicubic interpolation".
+    rng = np.random.default_rng(0)
+    nodes = []
+    for _ in range(300):
+        nodes.append(grid_elastic_field(33, 33, rng)[:, ::16, ::16])  # nodes at pixels 0, 16, 32
+    nodes = np.stack(nodes)
+    # 300 draws x 18 node components: the std estimate has standard error 10 / sqrt(2 * 5400) = 0.1.
+    assert abs(nodes.std() - 10.0) < 0.5 and abs(nodes.mean()) < 0.5
+    # The field is the interpolant of the drawn vectors: same seed, same coarse draws.
+    coarse = np.random.default_rng(1).normal(0.0, 10.0, size=(2, 3, 3))
+    np.testing.assert_allclose(grid_elastic_field(257, 129, np.random.default_rng(1))[:, ::128, ::64], coarse, atol=1e-4)
+    # Smooth: neighbouring pixels move almost together (vectors 128 px apart differ by ~14 px).
+    field = grid_elastic_field(257, 257, np.random.default_rng(2))
+    assert np.abs(np.diff(field, axis=1)).max() < 1.0 and np.abs(np.diff(field, axis=2)).max() < 1.0
+
+
+def test_grid_elastic_transform_moves_mask_with_image():
+    # The paper's 10 px vectors on a 3 x 3 grid over a 192 x 256 crop (its tiles are 572 px).
+    rng = np.random.default_rng(9)
+    image, labels, step = _encoded_pair(rng, 200, 260, np.uint8, 1)
+    t = train_transform(crop_size=(192, 256), scale_range=None, color_jitter=0.0, elastic="grid", seed=0)
+    for _ in range(4):
+        x, y = t(image, labels)
+        assert x.shape == (1, 192, 256) and y.shape == (192, 256)
+        assert _check_joint(x, y, step, 255, 5, 6) > 10_000
+
+
+def test_elastic_warp_samples_image_and_mask_at_the_displaced_positions():
+    rng = np.random.default_rng(3)
+    image = rng.random((20, 24, 2)).astype(np.float32)
+    mask = rng.integers(0, 5, (20, 24)).astype(np.uint16)
+    field = np.zeros((2, 20, 24), np.float32)
+    field[0], field[1] = 3.0, -2.0  # read from 3 rows down, 2 columns left
+    warped, warped_mask = elastic_warp(image, mask, field)
+    np.testing.assert_allclose(warped[:17, 2:], image[3:, :-2], atol=1e-6)
+    np.testing.assert_array_equal(warped_mask[:17, 2:], mask[3:, :-2])
+    field[0] = 0.5  # half a row: bilinear image, nearest mask
+    warped, _ = elastic_warp(image, mask, field)
+    np.testing.assert_allclose(warped[:19, 2:], (image[:19, :-2] + image[1:, :-2]) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="elastic='paper'"):
+        train_transform(elastic="paper")

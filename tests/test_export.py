@@ -26,6 +26,7 @@ SMALLER_OPTIONS: dict[str, tuple[Any, ...]] = {
     "backbone": ("resnet18", "resnet50"),
     "base_channels": (16,),
     "channels": (16,),
+    "fc_channels": (64,),
 }
 # Other backbones take other export paths (depthwise convs, ReLU6).
 EXTRA_VARIANTS = [("deeplabv3plus", {"backbone": "mobilenetv2"})]

@@ -23,6 +23,7 @@ from pixelwise.losses import (
     class_pixel_counts,
     enet_weights,
     median_frequency_weights,
+    semantic_weight_map,
     unet_weight_map,
 )
 
@@ -376,3 +377,34 @@ def test_unet_weight_map_instances_and_cropped_distances_match_brute_force() -> 
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     merged = unet_weight_map(labels > 0, sigma=1.5, class_weights=(1.0, 1.0))
     assert merged[3, 14] < got[3, 14]  # above the contact: only one neighbour cell when merged
+
+
+def test_semantic_weight_map_equals_the_binary_map_on_isbi_labels() -> None:
+    rng = np.random.default_rng(0)
+    mask = (rng.random((40, 50)) < 0.5).astype(np.int64)  # 0 membrane, 1 cell: many small cells
+    np.testing.assert_allclose(semantic_weight_map(mask), unet_weight_map(mask == 1), rtol=1e-6)
+
+
+def test_semantic_weight_map_instances_of_every_class_match_brute_force() -> None:
+    # Class 1: two regions; class 2: one region touching class 1's second region; 255 ignored.
+    mask = np.zeros((30, 40), np.int64)
+    mask[3:9, 3:10] = 1
+    mask[3:9, 14:20] = 1
+    mask[3:9, 20:25] = 2  # touches the second class-1 region: a separate instance
+    mask[20:26, 5:12] = 2
+    mask[25:30, 30:40] = 255
+    instances = np.zeros_like(mask)
+    instances[3:9, 3:10], instances[3:9, 14:20], instances[3:9, 20:25], instances[20:26, 5:12] = 1, 2, 3, 4
+    wc = (1.0, 2.0, 3.0)
+    got = semantic_weight_map(mask, sigma=2.0, class_weights=wc)
+    brute = _brute_force_weight_map(instances, 10.0, 2.0, (0.0, 0.0))  # border term alone on background
+    expected = np.select([mask == 0, mask == 1, mask == 2], [wc[0] + brute, wc[1], wc[2]], 0.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert got[25:30, 30:40].max() == 0  # ignored pixels
+    # Default class weights: inverse frequency over labelled pixels, the most frequent class 1.
+    counts = np.array([(mask == c).sum() for c in (0, 1, 2)], float)
+    default = semantic_weight_map(mask, w0=0)
+    for c in (0, 1, 2):
+        assert default[mask == c][0] == pytest.approx(counts.max() / counts[c], rel=1e-6)
+    with pytest.raises(ValueError, match="class_weights"):
+        semantic_weight_map(mask, class_weights=(1.0, 2.0))

@@ -265,6 +265,34 @@ def test_fcn8s_resnet50_parameter_count() -> None:
     assert n_params(meta_model("fcn8s_resnet50", num_classes=21)) == 23_583_359
 
 
+def test_fcn8s_resnet50_deconv_upsampling_is_learnable_bilinear() -> None:
+    torch.manual_seed(0)
+    model = create_model("fcn8s_resnet50", num_classes=3, upsampling="deconv").eval()
+    ups = [model.upscore2, model.upscore_pool4, model.upscore8]
+    assert [(u.kernel_size[0], u.stride[0], u.padding[0]) for u in ups] == [(4, 2, 1), (4, 2, 1), (16, 8, 4)]
+    for up in ups:
+        assert up.bias is None and up.weight.requires_grad
+        assert torch.equal(up.weight, deconv_weight(3, up.kernel_size[0]))
+    extra = 3 * 3 * (16 + 16 + 256)
+    assert n_params(meta_model("fcn8s_resnet50", num_classes=3, upsampling="deconv")) == n_params(
+        meta_model("fcn8s_resnet50", num_classes=3)
+    ) + extra
+    # Away from the border the initial deconvs equal the bilinear resize (align_corners=False).
+    score = torch.randn(1, 3, 6, 7)
+    with torch.no_grad():
+        up2 = model.upscore2(score)
+        up8 = model.upscore8(score)
+    torch.testing.assert_close(up2[..., 1:-1, 1:-1], F.interpolate(score, scale_factor=2, mode="bilinear")[..., 1:-1, 1:-1])
+    torch.testing.assert_close(up8[..., 4:-4, 4:-4], F.interpolate(score, scale_factor=8, mode="bilinear")[..., 4:-4, 4:-4])
+    x = torch.randn(2, 3, 70, 90)
+    for conv in (model.score_c3, model.score_c4, model.score_c5):
+        nn.init.normal_(conv.weight, std=0.01)
+    out = model.train()(x)
+    assert out.shape == (2, 3, 70, 90)
+    out.square().mean().backward()
+    assert all(up.weight.grad is not None and up.weight.grad.abs().sum() > 0 for up in ups)
+
+
 # -------------------------------------------------------------------------------------- U-Net
 
 
@@ -346,26 +374,58 @@ def test_unet_original_forward_is_one_mirror_padded_tile(size: tuple[int, int]) 
     x = torch.randn(1, 1, h, w)
     tile_h, tile_w = UNetOriginal.valid_input_size(h), UNetOriginal.valid_input_size(w)
     pads = ((92, tile_h - h - 92), (92, tile_w - w - 92))
-    padded = x[0, 0].numpy()
-    for axis, (before, after) in enumerate(pads):  # mirror where possible, else repeat the edge
-        mode = "reflect" if max(before, after) < padded.shape[axis] else "edge"
-        width = [(0, 0), (0, 0)]
-        width[axis] = (before, after)
-        padded = np.pad(padded, width, mode=mode)
+    padded = np.pad(x[0, 0].numpy(), pads, mode="reflect")  # numpy reflects repeatedly past the image side
     with torch.no_grad():
         expected = model.forward_valid(torch.from_numpy(padded)[None, None])[..., :h, :w]
         torch.testing.assert_close(model(x), expected)
 
 
-def test_mirror_pad_reflects_and_falls_back_to_edge() -> None:
+def test_mirror_pad_reflects_repeatedly_like_the_sliding_window() -> None:
     x = torch.arange(12.0).reshape(1, 1, 3, 4)
     out = mirror_pad(x, 2, 1, 3, 3)
     ref = np.pad(x[0, 0].numpy(), ((2, 1), (0, 0)), mode="reflect")
     ref = np.pad(ref, ((0, 0), (3, 3)), mode="reflect")
     assert torch.equal(out[0, 0], torch.from_numpy(ref))
-    out = mirror_pad(x, 3, 0, 0, 5)
-    ref = np.pad(x[0, 0].numpy(), ((3, 0), (0, 5)), mode="edge")
+    # Pads as long as the image or longer keep mirroring (numpy's reflect does the same):
+    # rows 0 1 2 -> 1 2 1 0 1 2 1 | 0 1 2 | 1 0 1 2 1 (period 4), never an edge replication.
+    out = mirror_pad(x, 7, 5, 0, 9)
+    ref = np.pad(x[0, 0].numpy(), ((7, 5), (0, 9)), mode="reflect")
     assert torch.equal(out[0, 0], torch.from_numpy(ref))
+    assert out[0, 0, :7, 0].tolist() == [4.0, 8.0, 4.0, 0.0, 4.0, 8.0, 4.0]
+    # A one-pixel axis can only repeat its pixel.
+    assert torch.equal(mirror_pad(x[..., :1, :], 2, 2, 0, 0)[0, 0, :, 1], torch.ones(5))
+
+
+def test_mirror_pad_is_the_sliding_window_padding() -> None:
+    # One behaviour everywhere: the tile the sliding window reads beyond the image equals mirror_pad's.
+    from pixelwise.inference import _source_index
+
+    for size, start, length in [(3, -7, 20), (5, -12, 30), (1, -3, 7)]:
+        idx, _ = _source_index(start, length, size, "reflect", torch.device("cpu"))
+        row = torch.arange(float(size)).view(1, 1, 1, size)
+        padded = mirror_pad(row, 0, 0, -start, start + length - size)
+        assert torch.equal(padded[0, 0, 0], idx.float())
+
+
+@pytest.mark.parametrize("name", ["unet_original", "unet"])
+def test_unet_convs_and_up_convs_start_from_n_0_sqrt_2_over_fan_in(name: str) -> None:
+    # Paper Sec. 3: "drawing the initial weights from a Gaussian distribution with a standard
+    # deviation of sqrt(2/N), where N denotes the number of incoming nodes of one neuron",
+    # N = k * k * C_in for every conv and up-conv (PyTorch's default init would give up-convs
+    # a uniform distribution of std 1 / sqrt(3 * C_out * k * k)).
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=2, in_channels=1, base_channels=16)
+    ups = [m for m in model.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert len(ups) == 4
+    for m in ups + [m for m in model.modules() if isinstance(m, nn.Conv2d)]:
+        w = m.weight.detach().double()
+        expected = math.sqrt(2 / (m.in_channels * m.kernel_size[0] * m.kernel_size[1]))
+        # std of n normal draws: relative standard error 1 / sqrt(2n); allow 5 of them (n >= 32).
+        assert abs(w.std().item() / expected - 1) < 5 / math.sqrt(2 * w.numel()), m
+        assert abs(w.mean().item()) < 5 * expected / math.sqrt(w.numel())
+        assert torch.count_nonzero(m.bias) == 0 if m.bias is not None else True
+    big = ups[0].weight.detach().double()  # (256, 128, 2, 2): 131,072 draws
+    assert big.std().item() == pytest.approx(math.sqrt(2 / (4 * 256)), rel=0.01)
 
 
 @pytest.mark.parametrize("name", ["unet", "unet_residual"])

@@ -44,11 +44,17 @@ def test_pspnet_parameter_count(backbone: str, reference: float) -> None:
     bottleneck = 4096 * 512 * 9 + 2 * 512
     classifier = 512 * k + k
     expected = RESNET_PARAMS[backbone] + ppm + bottleneck + classifier
-    got = count_params("pspnet", k, backbone=backbone)
+    got = count_params("pspnet", k, backbone=backbone, stem="standard")
     assert got == expected  # 46,592,597 / 65,584,725
     assert abs(got - reference) / reference < 0.005
     aux = 1024 * 256 * 9 + 2 * 256 + 256 * k + k
-    assert count_params("pspnet", k, backbone=backbone, aux=True) == expected + aux
+    assert count_params("pspnet", k, backbone=backbone, stem="standard", aux=True) == expected + aux
+    # The default is the paper's deep stem: three 3x3 convs (64 s2, 64, 128) and BNs instead of
+    # the 7x7 conv, a 128-channel bn1, and layer1.0 reading 128 channels.
+    deep = (3 * 64 * 9 + 64 * 64 * 9 + 64 * 128 * 9 + 2 * 2 * 64) - 3 * 64 * 49 + 2 * 64 + 64 * 64 + 64 * 256
+    got = count_params("pspnet", k, backbone=backbone)
+    assert got == expected + deep  # 46,716,373 / 65,708,501
+    assert abs(got - reference) / reference < 0.005
 
 
 def _adaptive_mean(x: torch.Tensor, bins: int) -> torch.Tensor:
@@ -132,7 +138,7 @@ def test_pspnet_without_aux_has_only_out() -> None:
 
 def test_pspnet_backbone_keys_are_torchvision_and_bad_options_raise() -> None:
     with torch.device("meta"):
-        model = create_model("pspnet", num_classes=3, backbone="resnet101")
+        model = create_model("pspnet", num_classes=3, backbone="resnet101", stem="standard")
     keys = model.backbone.state_dict().keys()
     assert {"conv1.weight", "bn1.running_var", "layer1.0.downsample.0.weight", "layer3.22.conv3.weight"} <= keys
     assert not any(k.startswith("fc.") for k in keys)

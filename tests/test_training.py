@@ -185,5 +185,5 @@ def test_unet_weight_map_reaches_the_loss(tiny_data, tmp_path, monkeypatch) -> N
 
 
 def test_unknown_task_names_the_known_ones(tiny_data, tmp_path) -> None:
-    with pytest.raises(ValueError, match="task='instances' is not known; use one of edges, semantic"):
+    with pytest.raises(ValueError, match="task='instances' is not known; use one of edges, scribbles, semantic"):
         _config(tiny_data, tmp_path, task="instances")

@@ -1,4 +1,4 @@
-"""``pixelwise train | eval | predict | export | models | check-data | demo | serve``: a thin skin over the API.
+"""``pixelwise train | eval | predict | export | models | pockets | check-data | demo | serve``: a thin skin over the API.
 
 Every user mistake surfaces as one line ``error: ...`` on stderr and exit code 2.
 """
@@ -106,9 +106,23 @@ def predict(
     """Segment images of any size; writes NAME_labels.png, NAME_colour.png and NAME_overlay.png.
 
     Under torchrun (--nproc_per_node=N, and its multi-machine options) each rank predicts its own share.
+    Volumes (.tif/.tiff stacks, .nii/.nii.gz) with a 3D model: writes NAME_labels.<same suffix>
+    with the input's spacing / affine (--tile in voxels per side).
     """
+    from pixelwise.data.volumes import is_volume_file
     from pixelwise.inference import predict_files, shard_images
 
+    is_volume = [is_volume_file(p) for p in images]
+    if any(is_volume):
+        if not all(is_volume):
+            raise ValueError("pass either images or volumes (TIFF stacks, NIfTI) to one predict call, not both")
+        if _scales(scales) != (1.0,) or crf is not None or runtime != "torch" or resume:
+            raise ValueError("volumes are predicted at scale 1 with the torch runtime, no CRF and no --resume; drop those options")
+        from pixelwise.tasks.volume import predict_volume_files
+
+        written = predict_volume_files(images, model, out, tile=tile, overlap=overlap, flip=flip)
+        console.print(f"wrote {len(written)} label volumes to {out}")
+        return
     mine = shard_images(images)
     written = predict_files(
         mine, model, out, tile=tile, overlap=overlap, scales=_scales(scales), flip=flip, crf=_crf(crf), runtime=runtime,
@@ -148,8 +162,12 @@ def export(
         return
     task = get_task(extra.get("task", "semantic"))
     data, split = _data_and_split(calibrate)
+    try:
+        dataset = task.open_eval(data, split, extra)
+    except ValueError as err:
+        raise ValueError(f"--calibrate {calibrate}: {err}") from None
     images = calibration_batch(
-        task.open_eval(data, split, extra), height=height, width=width, in_channels=net.config["in_channels"],
+        dataset, height=height, width=width, in_channels=net.config["in_channels"],
         num_images=calib_images, source=f"--calibrate {calibrate}",
         class_names=extra.get("class_names") if task.name == "semantic" else None,  # other tasks' outputs are not its classes
         normalised=extra.get("mean") is not None or extra.get("std") is not None,
@@ -170,22 +188,40 @@ def _data_and_split(text: str, default: str = "train") -> tuple[str, str]:
 
 @app.command()
 def models() -> None:
-    """List the registered models with their parameter counts (21 classes, default options)."""
+    """List the registered models (2D or 3D input) with their parameter counts (21 classes, default options)."""
     import torch
     from rich.table import Table
 
-    from pixelwise.models import create_model, list_models
+    from pixelwise.models import create_model, list_models, spatial_dims
     from pixelwise.models.registry import MODELS
 
-    table = Table("name", "parameters", "trainable", "description")
+    table = Table("name", "input", "parameters", "trainable", "description")
     for name in list_models():
         with torch.device("meta"):
             net = create_model(name, num_classes=21)
         count = sum(p.numel() for p in net.parameters())
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         doc = (MODELS[name].__doc__ or "").strip().splitlines()
-        table.add_row(name, f"{count:,}", f"{trainable:,}", doc[0] if doc else "")
+        table.add_row(name, f"{spatial_dims(name)}D", f"{count:,}", f"{trainable:,}", doc[0] if doc else "")
     console.print(table)
+
+
+@app.command()
+def pockets(
+    structure: Annotated[Path, typer.Argument(help="Protein structure (.pdb or .cif).")],
+    model: Annotated[Path, typer.Option(help="3D pocket model (8 atom-type channels in, 2 classes) written by training.")],
+    out: Annotated[Path, typer.Option(help="Folder for STEM_pockets.pdb (pseudo-atoms) and STEM_pockets.json.")] = Path("runs/pockets"),
+    tile: Annotated[Optional[int], typer.Option(help="Tile side in voxels (1 Å) for large proteins; 0 runs whole.")] = 64,
+    threshold: Annotated[float, typer.Option(help="Pocket probability threshold.")] = 0.5,
+) -> None:
+    """Find binding pockets: voxelise, segment with a 3D model, write ranked pockets as PDB pseudo-atoms."""
+    from pixelwise.pockets.detect import find_pockets_file
+
+    found, pdb = find_pockets_file(structure, model, out, tile=tile or None, threshold=threshold)
+    for p in found[:10]:
+        x, y, z = p.centre
+        console.print(f"pocket {p.rank}: centre ({x:.1f}, {y:.1f}, {z:.1f}) Å, volume {p.volume:.0f} Å³, score {p.score:.1f}")
+    console.print(f"wrote {len(found)} pockets to {pdb}")
 
 
 @app.command("check-data")
@@ -193,11 +229,20 @@ def check_data(
     data: Annotated[str, typer.Argument(help="Data set: camvid:PATH, isbi2012:PATH, voc:PATH, cityscapes:PATH or a folder.")],
     split: Annotated[Optional[str], typer.Option(help="Split to check (default: train and val).")] = None,
 ) -> None:
-    """Report class histogram, image sizes and every bad image/mask pair; exit 2 if any is bad."""
+    """Report class histogram, image sizes and every bad image/mask pair; exit 2 if any is bad.
+
+    A scribble folder (SPLIT/scribbles/, see pixelwise.data.scribbles) gets the labelled
+    fraction per image and per class instead."""
     from pixelwise.data import check_dataset, open_dataset
+    from pixelwise.data.scribbles import check_scribbles, is_scribble_folder, open_scribbles
+
+    def check(name: str):
+        if is_scribble_folder(data, name):
+            return check_scribbles(open_scribbles(data, name))
+        return check_dataset(open_dataset(data, name))
 
     splits = [split] if split else ["train", "val"]
-    reports = [check_dataset(open_dataset(data, name)) for name in splits]
+    reports = [check(name) for name in splits]
     for name, report in zip(splits, reports):
         console.print(f"\n[bold]split {name}[/bold]")
         console.print(report.format(), markup=False, soft_wrap=True)

@@ -43,13 +43,14 @@ class Scorer(Protocol):
 
 
 def to_uint8_image(image: torch.Tensor, mean: list[float] | None = None, std: list[float] | None = None) -> np.ndarray:
-    """Undo the input normalisation: (C, H, W) float -> (H, W, C) uint8."""
+    """Undo the input normalisation: (C, H, W) float -> (H, W, C) uint8; a volume (C, D, H, W) -> (D, H, W, C)."""
     x = image.detach().float().cpu()
+    per_channel = (-1,) + (1,) * (x.ndim - 1)
     if std is not None:
-        x = x * torch.tensor(std).view(-1, 1, 1)
+        x = x * torch.tensor(std).view(per_channel)
     if mean is not None:
-        x = x + torch.tensor(mean).view(-1, 1, 1)
-    return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        x = x + torch.tensor(mean).view(per_channel)
+    return (x.clamp(0, 1) * 255).round().byte().movedim(0, -1).numpy()
 
 
 @torch.inference_mode()

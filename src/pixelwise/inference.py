@@ -1,5 +1,8 @@
 """Prediction on images of any size: sliding window / overlap-tile, strip-wise labels, TTA.
 
+Images (N, C, H, W) and volumes (N, C, D, H, W) share one N-D tiling: a run is 3D when
+``tile`` has three sides or the model has ``spatial_dims = 3`` (the 3D U-Net).
+
 All entry points return probabilities, not logits: softmax over the K channels, or a
 sigmoid when the model has a single output channel (K == 1, binary / edge models).
 Put the model in eval mode (``model.eval()``) and on the image's device before calling;
@@ -12,7 +15,8 @@ Two kinds of model are supported:
   (B, K, h, w) logits.
 - valid-convolution models (the original U-Net, 572x572 in -> 388x388 out): a model
   with an integer attribute ``valid_margin`` (pixels lost on each side, 92 for the
-  original U-Net) and a method ``forward_valid(x)`` is run through ``forward_valid``; an
+  original U-Net; or one int per spatial axis, e.g. (14, 44, 44) for the anisotropic
+  3D U-Net) and a method ``forward_valid(x)`` is run through ``forward_valid``; an
   input tile of size ``tile`` yields an output of size ``tile - 2 * valid_margin`` that
   is placed at the tile's centre, and the image is mirror-padded by the margin (the
   overlap-tile strategy of the U-Net paper). ``tile`` is always the model's input size.
@@ -25,6 +29,7 @@ Two kinds of model are supported:
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import os
@@ -36,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pixelwise.models.layers import mirror_pad, resize_to
+from pixelwise.models.layers import mirror_pad, reflect_index, resize_to
 
 if TYPE_CHECKING:
     from pixelwise.data.transforms import ToTensor
@@ -70,16 +75,26 @@ def importance_map(
 
     ``"constant"``: all ones. ``"gaussian"``: separable Gaussian centred on the tile,
     sigma = ``sigma_scale`` * side (at least 1e-3), peak 1, clamped to >= 1e-3 so that every
-    pixel keeps a non-zero weight.
+    pixel keeps a non-zero weight. :func:`importance_map_nd` is the same for any number of axes.
     """
+    return importance_map_nd((height, width), blend, sigma_scale, device)
+
+
+def importance_map_nd(
+    sizes: Sequence[int],
+    blend: str = "gaussian",
+    sigma_scale: float = 0.125,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Blending weight of one output tile of shape ``sizes`` (e.g. (D, H, W)), float64; see :func:`importance_map`."""
     if blend == "constant":
-        return torch.ones(height, width, dtype=torch.float64, device=device)
-    axes = []
-    for n in (height, width):
+        return torch.ones(*sizes, dtype=torch.float64, device=device)
+    weight = torch.ones((), dtype=torch.float64, device=device)
+    for n in sizes:
         sigma = max(sigma_scale * n, 1e-3)
         x = torch.arange(n, dtype=torch.float64, device=device) - (n - 1) / 2
-        axes.append(torch.exp(-(x**2) / (2 * sigma**2)))
-    return (axes[0][:, None] * axes[1][None, :]).clamp_(min=1e-3)
+        weight = weight[..., None] * torch.exp(-(x**2) / (2 * sigma**2))
+    return weight.clamp_(min=1e-3)
 
 
 def _source_index(
@@ -88,18 +103,15 @@ def _source_index(
     """Image indices for padded coordinates ``start .. start + length - 1`` (may be < 0 or >= size).
 
     ``"reflect"`` mirrors without repeating the edge (numpy's ``reflect``, repeated for
-    pads larger than the image; a size-1 axis is replicated). ``"constant"`` returns
-    clamped indices and a mask of the positions inside the image (outside ones read 0).
+    pads larger than the image; a size-1 axis is replicated; :func:`reflect_index`).
+    ``"constant"`` returns clamped indices and a mask of the positions inside the image
+    (outside ones read 0).
     """
     idx = torch.arange(start, start + length, device=device)
     if pad == "constant":
         inside = (idx >= 0) & (idx < size)
         return idx.clamp(0, size - 1), inside
-    if size == 1:
-        return torch.zeros_like(idx), None
-    period = 2 * (size - 1)
-    idx = idx.remainder(period)
-    return torch.where(idx >= size, period - idx, idx), None
+    return reflect_index(idx, size), None
 
 
 @dataclass(frozen=True)
@@ -130,69 +142,99 @@ class _Axis:
 
 
 class _StripAccumulator:
-    """Blending buffer for one horizontal strip of output rows: probs (N, K, rows, width) and weight (rows, width).
+    """Blending buffer for one slab of output along the first spatial axis.
 
-    It holds ``rows = out_h`` core rows starting at ``top``; finished rows are popped from
-    the top and the buffer slides down, so its size never depends on the image height.
+    probs (N, K, rows, *rest) and weight (rows, *rest), where ``rows = out`` tile side along
+    the first axis (rows of an image, sections of a volume) and ``rest`` the padded sizes of
+    the other axes. It holds ``rows`` core positions starting at ``top``; finished ones are
+    popped from the top and the buffer slides on, so its size never depends on the image's
+    extent along the first axis.
     """
 
-    def __init__(self, n: int, k: int, weight: torch.Tensor, width: int) -> None:
+    def __init__(self, n: int, k: int, weight: torch.Tensor, rest: Sequence[int]) -> None:
         rows = weight.shape[0]
         self.tile_weight = weight
-        self.probs = weight.new_zeros(n, k, rows, width)
-        self.weight = weight.new_zeros(rows, width)
+        self.probs = weight.new_zeros(n, k, rows, *rest)
+        self.weight = weight.new_zeros(rows, *rest)
         self.top = 0
 
-    def add_window(self, top: int, left: int) -> None:
-        """Count the window at core (top, left) once in the weight sum (shared by the N images)."""
-        h, w = self.tile_weight.shape
-        self.weight[top - self.top : top - self.top + h, left : left + w] += self.tile_weight
+    def _window(self, corner: Sequence[int]) -> tuple[slice, ...]:
+        """Buffer slices of the output tile whose core corner is ``corner`` = (top, *rest)."""
+        shifted = (corner[0] - self.top, *corner[1:])
+        return tuple(slice(c, c + t) for c, t in zip(shifted, self.tile_weight.shape))
 
-    def add(self, probs: torch.Tensor, n: int, top: int, left: int) -> None:
-        """Add one output tile's probabilities (K, h, w) of image ``n`` at core (top, left), weighted."""
-        h, w = self.tile_weight.shape
-        self.probs[n, :, top - self.top : top - self.top + h, left : left + w] += probs * self.tile_weight
+    def add_window(self, corner: Sequence[int]) -> None:
+        """Count the window at core ``corner`` once in the weight sum (shared by the N images)."""
+        self.weight[self._window(corner)] += self.tile_weight
+
+    def add(self, probs: torch.Tensor, n: int, corner: Sequence[int]) -> None:
+        """Add one output tile's probabilities (K, *tile) of image ``n`` at core ``corner``, weighted."""
+        self.probs[(n, slice(None), *self._window(corner))] += probs * self.tile_weight
 
     def blend(self, rows: int) -> torch.Tensor:
-        """Divide the top ``rows`` rows by their weight, in place; returns them (N, K, rows, width), a view."""
+        """Divide the first ``rows`` rows by their weight, in place; returns them (N, K, rows, *rest), a view."""
         done = self.probs[:, :, :rows]
         done /= self.weight[:rows]
         return done
 
     def slide(self, rows: int) -> None:
-        """Drop the top ``rows`` rows and move the rest up (no copy of the whole buffer unless they overlap)."""
-        keep = self.probs.shape[2] - rows
-        for buffer in (self.probs, self.weight):
-            rest = buffer[..., rows:, :]
-            buffer[..., :keep, :] = rest.clone() if keep > rows else rest
-            buffer[..., keep:, :] = 0
+        """Drop the first ``rows`` rows and move the rest up (no copy of the whole buffer unless they overlap)."""
+        keep = self.weight.shape[0] - rows
+        for buffer, axis in ((self.probs, 2), (self.weight, 0)):
+            rest = buffer.narrow(axis, rows, keep)
+            buffer.narrow(axis, 0, keep).copy_(rest.clone() if keep > rows else rest)
+            buffer.narrow(axis, keep, rows).zero_()
         self.top += rows
 
 
-def _validated_tile(tile: int | Sequence[int], margin: int) -> tuple[int, int]:
+_AXES = {2: "(height, width)", 3: "(depth, height, width)"}
+_SHAPES = {2: "H, W", 3: "D, H, W"}
+
+
+def _spatial_dims(model: object, tile: int | Sequence[int] | None) -> int:
+    """Spatial dimensions of a tiled run: ``len(tile)`` for a sequence, else ``model.spatial_dims`` (default 2)."""
+    if isinstance(tile, Sequence) and len(tile) in _AXES:
+        return len(tile)
+    dims = getattr(model, "spatial_dims", 2)
+    return dims if dims in _AXES else 2
+
+
+def _validated_tile(tile: int | Sequence[int], margins: tuple[int, ...]) -> tuple[int, ...]:
+    dims = len(margins)
     if isinstance(tile, int) and not isinstance(tile, bool):
-        pair = (tile, tile)
+        sides = (tile,) * dims
     else:
-        pair = tuple(tile) if isinstance(tile, Sequence) else ()
-    if len(pair) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in pair):
-        raise ValueError(f"tile must be an int >= 1 or a pair (height, width) of them, got {tile!r}.")
-    if min(pair) <= 2 * margin:
+        sides = tuple(tile) if isinstance(tile, Sequence) else ()
+    if len(sides) != dims or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in sides):
+        raise ValueError(f"tile must be an int >= 1 or a sequence {_AXES[dims]} of them, got {tile!r}.")
+    if any(t <= 2 * m for t, m in zip(sides, margins)):
+        shown = margins[0] if len(set(margins)) == 1 else margins
+        twice = 2 * shown if isinstance(shown, int) else tuple(2 * m for m in margins)
         raise ValueError(
-            f"tile {pair} must exceed 2 * valid_margin = {2 * margin} of this valid-convolution model "
-            f"(its output tile is tile - {2 * margin}); use e.g. tile={2 * margin + 388} "
-            "(572 for the original U-Net)."
+            f"tile {sides} must exceed 2 * valid_margin = {twice} of this valid-convolution model "
+            f"(its output tile is tile - {twice}); use e.g. tile={2 * max(margins) + 388} "
+            "(572 for the original U-Net) or the model's valid_input_size."
         )
-    return pair
+    return sides
 
 
-def _valid_margin(model: Callable[[torch.Tensor], torch.Tensor]) -> int | None:
-    """``model.valid_margin`` when the model follows the valid-convolution protocol, else None."""
+def _valid_margins(model: Callable[[torch.Tensor], torch.Tensor], dims: int) -> tuple[int, ...] | None:
+    """``model.valid_margin`` per axis when the model follows the valid-convolution protocol, else None.
+
+    The margin is an int (same on every axis) or a sequence with one int per spatial axis.
+    """
     margin = getattr(model, "valid_margin", None)
-    if isinstance(margin, int) and not isinstance(margin, bool) and callable(getattr(model, "forward_valid", None)):
-        if margin < 0:
-            raise ValueError(f"model.valid_margin must be >= 0, got {margin}.")
-        return margin
-    return None
+    if not callable(getattr(model, "forward_valid", None)):
+        return None
+    if isinstance(margin, int) and not isinstance(margin, bool):
+        margins = (margin,) * dims
+    elif isinstance(margin, Sequence) and len(margin) == dims and all(isinstance(m, int) for m in margin):
+        margins = tuple(margin)
+    else:
+        return None
+    if min(margins) < 0:
+        raise ValueError(f"model.valid_margin must be >= 0, got {margin}.")
+    return margins
 
 
 def _check_options(overlap: float, batch: int, blend: str, pad: str, sigma_scale: float) -> None:
@@ -208,15 +250,19 @@ def _check_options(overlap: float, batch: int, blend: str, pad: str, sigma_scale
         raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}.")
 
 
-def _checked(logits: object, inputs: torch.Tensor, size: tuple[int, int], who: str) -> torch.Tensor:
-    """Return ``logits`` if it is a (B, K, *size) tensor for a (B, C, h, w) input batch, else raise."""
+def _checked(logits: object, inputs: torch.Tensor, size: tuple[int, ...], who: str) -> torch.Tensor:
+    """Return ``logits`` if it is a (B, K, *size) tensor for a (B, C, *spatial) input batch, else raise."""
     expected = (inputs.shape[0], *size)
-    if isinstance(logits, torch.Tensor) and logits.ndim == 4 and (logits.shape[0], *logits.shape[-2:]) == expected:
+    if (
+        isinstance(logits, torch.Tensor)
+        and logits.ndim == 2 + len(size)
+        and (logits.shape[0], *logits.shape[2:]) == expected
+    ):
         return logits
     got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
     raise ValueError(
         f"{who} returned {got} for inputs {tuple(inputs.shape)}; "
-        f"expected ({inputs.shape[0]}, K, {size[0]}, {size[1]}). "
+        f"expected ({inputs.shape[0]}, K, {', '.join(map(str, size))}). "
         "Same-size models must return logits of the input size; valid-convolution models need "
         "valid_margin = pixels lost per side and a tile size they accept."
     )
@@ -239,27 +285,27 @@ def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
 def _augmented_probs(
     run: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
-    margin: int,
+    margins: tuple[int, ...],
     who: str,
     scales: tuple[float, ...],
     flip: bool,
 ) -> torch.Tensor:
-    """Probabilities of (B, C, h, w) inputs averaged over test-time augmentations: (B, K, h - 2m, w - 2m).
+    """Probabilities of (B, C, *s) inputs averaged over test-time augmentations: (B, K, *(s - 2m)).
 
-    For each scale the input is resized (bilinear) to ``round(h * s), round(w * s)``, run,
-    and its probabilities resized back; with ``flip`` the horizontally flipped input is run
-    too and its probabilities flipped back. The mean of ``len(scales) * (1 + flip)`` maps.
-    ``margin`` is the pixels a valid-convolution ``run`` loses per side (0: same size).
+    For each scale the input is resized (bilinear, trilinear for volumes) to ``round(s * scale)``,
+    run, and its probabilities resized back; with ``flip`` the input flipped along its last
+    axis is run too and its probabilities flipped back. The mean of ``len(scales) * (1 + flip)``
+    maps. ``margins`` are the pixels a valid-convolution ``run`` loses per side (0: same size).
     """
-    size = (x.shape[-2] - 2 * margin, x.shape[-1] - 2 * margin)
+    size = tuple(side - 2 * m for side, m in zip(x.shape[2:], margins))
     total: torch.Tensor | None = None
     for scale in scales:
-        scaled = resize_to(x, (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale))))
+        scaled = resize_to(x, tuple(max(1, round(side * scale)) for side in x.shape[2:]))
         for flipped in (False, True) if flip else (False,):
             inputs = scaled.flip(-1) if flipped else scaled
             with torch.inference_mode():
                 logits = run(inputs)
-            expected = (inputs.shape[-2] - 2 * margin, inputs.shape[-1] - 2 * margin)
+            expected = tuple(side - 2 * m for side, m in zip(inputs.shape[2:], margins))
             probs = _probabilities(_checked(logits, inputs, expected, who))
             probs = resize_to(probs.flip(-1) if flipped else probs, size)
             total = probs if total is None else total + probs
@@ -279,65 +325,75 @@ def _finished_strips(
     flip: bool = False,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Run the model tile by tile over (N, C, H, W) and yield ``(row, probs (N, K, rows, W))`` top to bottom.
+    """Run the model tile by tile over (N, C, *S) and yield ``(row, probs (N, K, rows, *S[1:]))`` along S[0].
 
-    The one implementation of tiling and blending. One strip of windows (same top row) is
-    run at a time; rows no later window touches are divided by their accumulated weight,
-    cropped to the image and yielded, so only an ``out_h``-row buffer is ever held. The
-    yielded probabilities are a view into that buffer, valid until the next iteration.
-    Test-time augmentation (``scales``, ``flip``) is applied to each batch of tiles, so
-    it costs no memory beyond that batch. A same-size model's tile is clamped to the
-    image: a larger tile would only run the model over padding. ``transform`` maps each
-    gathered input strip (N, C, tile_h, W') to the model's float input before padding
-    values are zeroed, so the image itself may be held compactly (e.g. uint8).
+    The one implementation of tiling and blending, for images (S = H, W) and volumes
+    (S = D, H, W). One slab of windows (same start along the first axis) is run at a time;
+    positions no later window touches are divided by their accumulated weight, cropped to the
+    image and yielded, so only an ``out``-deep slab buffer is ever held. The yielded
+    probabilities are a view into that buffer, valid until the next iteration.
+    Test-time augmentation (``scales``, ``flip``) is applied to each batch of tiles, so it
+    costs no memory beyond that batch. A same-size model's tile is clamped to the image: a
+    larger tile would only run the model over padding. ``transform`` maps each gathered
+    input slab (N, C, tile_0, *S[1:] padded) to the model's float input before padding values
+    are zeroed, so the image itself may be held compactly (e.g. uint8).
     """
     _check_options(overlap, batch, blend, pad, sigma_scale)
     scales = _check_scales(scales)
-    if image.ndim != 4 or not (image.is_floating_point() or transform is not None):
-        raise ValueError(f"image must be a float tensor (N, C, H, W), got {tuple(image.shape)} {image.dtype}.")
-    margin = _valid_margin(model)
-    tile_h, tile_w = _validated_tile(tile, margin or 0)
-    run, run_name = (model.forward_valid, "forward_valid") if margin is not None else (model, "the model")
-    n_img, _, height, width = image.shape
-    if margin is None:
-        tile_h, tile_w = min(tile_h, height), min(tile_w, width)
+    dims = _spatial_dims(model, tile)
+    if image.ndim != 2 + dims or not (image.is_floating_point() or transform is not None):
+        raise ValueError(f"image must be a float tensor (N, C, {_SHAPES[dims]}), got {tuple(image.shape)} {image.dtype}.")
+    margins = _valid_margins(model, dims)
+    sides = _validated_tile(tile, margins or (0,) * dims)
+    run, run_name = (model.forward_valid, "forward_valid") if margins is not None else (model, "the model")
+    n_img, spatial = image.shape[0], image.shape[2:]
+    if margins is None:
+        sides = tuple(min(t, size) for t, size in zip(sides, spatial))
     elif scales != (1.0,):
         raise ValueError(
             f"scales={scales} with tiles needs a same-size model: a valid-convolution model's output tile "
             "does not scale with its input; use scales=(1.0,) or tile=None (whole image)."
         )
-    ay = _Axis.plan(height, tile_h, margin or 0, overlap)
-    ax = _Axis.plan(width, tile_w, margin or 0, overlap)
-    weight = importance_map(ay.out, ax.out, blend, sigma_scale, image.device)
-    cols, col_inside = ax.source(0, ax.core + 2 * ax.margin, pad, image.device)
-    xs = ax.starts()
-    ys = ay.starts()
+    axes = [_Axis.plan(size, t, m, overlap) for size, t, m in zip(spatial, sides, margins or (0,) * dims)]
+    first, rest = axes[0], axes[1:]
+    weight = importance_map_nd([a.out for a in axes], blend, sigma_scale, image.device)
+    sources = [a.source(0, a.core + 2 * a.margin, pad, image.device) for a in rest]
+    corners = list(itertools.product(*(a.starts() for a in rest)))
+    ys = first.starts()
     acc: _StripAccumulator | None = None
     for r, y in enumerate(ys):
-        rows, row_inside = ay.source(y, tile_h, pad, image.device)
-        strip = image[:, :, rows][..., cols]
+        rows, row_inside = first.source(y, sides[0], pad, image.device)
+        slab = image.index_select(2, rows)
+        for axis, (index, _) in enumerate(sources, start=3):
+            slab = slab.index_select(axis, index)
         if transform is not None:
-            strip = transform(strip)
+            slab = transform(slab)
         if row_inside is not None:
-            strip = strip * (row_inside[:, None] & col_inside[None, :])
-        jobs = [(n, x) for n in range(n_img) for x in xs]
+            inside = row_inside
+            for _, mask in sources:
+                inside = inside[..., None] & mask
+            slab = slab * inside
+        jobs = [(n, c) for n in range(n_img) for c in corners]
         for b in range(0, len(jobs), batch):
             chunk = jobs[b : b + batch]
-            tiles = torch.stack([strip[n, :, :, x : x + tile_w] for n, x in chunk])
-            probs = _augmented_probs(run, tiles, margin or 0, run_name, scales, flip)
+            tiles = torch.stack(
+                [slab[(n, slice(None), slice(None), *(slice(x, x + t) for x, t in zip(c, sides[1:])))] for n, c in chunk]
+            )
+            probs = _augmented_probs(run, tiles, margins or (0,) * dims, run_name, scales, flip)
             if acc is None:
                 dtype = torch.promote_types(probs.dtype, torch.float32)
-                acc = _StripAccumulator(n_img, probs.shape[1], weight.to(dtype), ax.core)
-            for (n, x), p in zip(chunk, probs.to(acc.probs)):
-                acc.add(p, n, y, x)
-        for x in xs:
-            acc.add_window(y, x)
-        done_until = ys[r + 1] if r + 1 < len(ys) else ay.core
+                acc = _StripAccumulator(n_img, probs.shape[1], weight.to(dtype), [a.core for a in rest])
+            for (n, c), p in zip(chunk, probs.to(acc.probs)):
+                acc.add(p, n, (y, *c))
+        for c in corners:
+            acc.add_window((y, *c))
+        done_until = ys[r + 1] if r + 1 < len(ys) else first.core
         top = acc.top
         blended = acc.blend(done_until - top)
-        first, last = max(top, ay.lead), min(done_until, ay.lead + height)
-        if first < last:
-            yield first - ay.lead, blended[:, :, first - top : last - top, ax.lead : ax.lead + width]
+        start, stop = max(top, first.lead), min(done_until, first.lead + spatial[0])
+        if start < stop:
+            crop = tuple(slice(a.lead, a.lead + a.size) for a in rest)
+            yield start - first.lead, blended[(slice(None), slice(None), slice(start - top, stop - top), *crop)]
         acc.slide(done_until - top)
 
 
@@ -359,7 +415,11 @@ def sliding_window(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
 ) -> torch.Tensor:
-    """Probabilities (N, K, H, W) of a model run tile by tile over images of any size.
+    """Probabilities (N, K, H, W) of a model run tile by tile over images of any size; volumes too.
+
+    Volumes (N, C, D, H, W) are tiled the same way (one implementation) when ``tile`` has
+    three sides or the model has ``spatial_dims = 3`` (the 3D U-Net); memory then grows with
+    one slab of ``tile`` sections, not with D.
 
     Windows advance by ``max(1, int(out * (1 - overlap)))`` where ``out`` is the model's
     output tile (``tile``, or ``tile - 2 * valid_margin``); the last one is snapped to the
@@ -370,9 +430,10 @@ def sliding_window(
 
     Args:
         model: callable (B, C, h, w) -> (B, K, h, w) logits, or a valid-convolution model
-            (see the module docstring). Put it in eval mode first.
-        image: (N, C, H, W) float tensor on the model's device.
-        tile: model input tile, int or (height, width). Default (512, 512).
+            (see the module docstring); (B, C, d, h, w) for volumes. Eval mode first.
+        image: (N, C, H, W) or (N, C, D, H, W) float tensor on the model's device.
+        tile: model input tile, int or (height, width) or (depth, height, width).
+            Default (512, 512).
         overlap: fraction of the output tile shared by neighbouring windows, in [0, 1).
             Default 0.25.
         batch: tiles per model call. Default 1: on 2 CPU cores one 512-tile per call took
@@ -389,7 +450,7 @@ def sliding_window(
         flip: also average each tile's probabilities with those of its horizontal mirror.
 
     Returns:
-        Probabilities (N, K, H, W): softmax over K, or sigmoid when K == 1.
+        Probabilities (N, K, *spatial): softmax over K, or sigmoid when K == 1.
 
     Example:
         >>> probs = sliding_window(model.eval(), image, tile=512, overlap=0.5)
@@ -398,7 +459,7 @@ def sliding_window(
     strips = _finished_strips(model, image, tile, overlap, batch, blend, pad, sigma_scale, scales, flip)
     for row, probs in strips:
         if out is None:
-            out = probs.new_empty(image.shape[0], probs.shape[1], *image.shape[-2:])
+            out = probs.new_empty(image.shape[0], probs.shape[1], *image.shape[2:])
         out[:, :, row : row + probs.shape[2]] = probs
     return out
 
@@ -417,28 +478,31 @@ def sliding_window_labels(
     flip: bool = False,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Label map (H, W) of one image (C, H, W) in bounded memory.
+    """Label map (H, W) of one image (C, H, W), or (D, H, W) of a volume (C, D, H, W), in bounded memory.
 
     Same tiling and blending as :func:`sliding_window` (one implementation); rows are
     argmaxed as soon as no later window touches them, so besides the input and the labels
     only a K x out_h x W probability strip, a C x tile_h x W input strip and one batch of
     (augmented) tiles are held: peak memory O((K + C) * tile_h * W), not O(K * H * W), with
-    or without test-time augmentation.
+    or without test-time augmentation. For a volume the strip is a slab of sections:
+    O((K + C) * tile_d * H * W).
     Labels are uint8 for K <= 256, int16 for K <= 32768, else int64; for a single-channel
     (sigmoid) model they are ``probability > 0.5`` as 0/1.
-    Arguments as in :func:`sliding_window`, and ``transform``: a function applied to each
-    gathered (1, C, tile_h, W') input strip, e.g. to normalise a uint8 image strip by strip
-    so that it is never held as a float image (4x its uint8 size).
+    Arguments as in :func:`sliding_window` (a volume needs a 3-sided tile or a 3D model), and
+    ``transform``: a function applied to each gathered (1, C, tile_h, W') input strip, e.g. to
+    normalise a uint8 image strip by strip so that it is never held as a float image.
     """
-    if image.ndim != 3:
-        raise ValueError(f"image must be one image (C, H, W), got shape {tuple(image.shape)}; use image[i].")
+    dims = _spatial_dims(model, tile)
+    if image.ndim != 1 + dims:
+        what = "image (C, H, W)" if dims == 2 else "volume (C, D, H, W)"
+        raise ValueError(f"image must be one {what}, got shape {tuple(image.shape)}; use image[i].")
     labels: torch.Tensor | None = None
     strips = _finished_strips(model, image[None], tile, overlap, batch, blend, pad, sigma_scale, scales, flip, transform)
     for row, probs in strips:
         k = probs.shape[1]
         if labels is None:
             dtype = torch.uint8 if k <= 256 else torch.int16 if k <= 32768 else torch.int64
-            labels = torch.empty(image.shape[-2:], dtype=dtype, device=probs.device)
+            labels = torch.empty(image.shape[1:], dtype=dtype, device=probs.device)
         strip = probs[0, 0] > 0.5 if k == 1 else probs[0].argmax(0)
         labels[row : row + probs.shape[2]] = strip.to(labels.dtype)
     return labels
@@ -453,14 +517,15 @@ def predict_tta(
     tile: int | Sequence[int] | None = None,
     **sliding_kwargs: float | int | str,
 ) -> torch.Tensor:
-    """Test-time augmentation: probabilities (N, K, H, W) averaged over scales and flips.
+    """Test-time augmentation: probabilities (N, K, H, W) averaged over scales and flips; volumes too.
 
-    Without ``tile`` the whole image is resized (bilinear) to ``round(H * s), round(W * s)``
-    for each scale, run through one ``model(x)`` call (the model's own forward, which must
-    accept any size), and its probabilities are resized back to (H, W); with ``flip`` the
-    horizontally flipped image is run too and its probabilities flipped back. The result is
-    the mean of all ``len(scales) * (1 + flip)`` probability maps.
-    ``predict_tta(model, image)`` is plain whole-image prediction.
+    Without ``tile`` the whole image is resized (bilinear; trilinear for a volume
+    (N, C, D, H, W)) to ``round(H * s), round(W * s)`` for each scale, run through one
+    ``model(x)`` call (the model's own forward, which must accept any size), and its
+    probabilities are resized back to (H, W); with ``flip`` the horizontally flipped image is
+    run too and its probabilities flipped back. The result is the mean of all
+    ``len(scales) * (1 + flip)`` probability maps. ``predict_tta(model, image)`` is plain
+    whole-image prediction.
 
     With ``tile`` the same augmentation is applied to every tile of
     :func:`sliding_window` before blending, so memory stays bounded by a strip of tiles.
@@ -477,11 +542,11 @@ def predict_tta(
     scales = _check_scales(scales)
     if tile is None and sliding_kwargs:
         raise ValueError(f"{sorted(sliding_kwargs)} only apply to sliding-window prediction; pass tile=... too.")
-    if image.ndim != 4:
-        raise ValueError(f"image must be (N, C, H, W), got shape {tuple(image.shape)}.")
+    if image.ndim not in (4, 5):
+        raise ValueError(f"image must be (N, C, H, W) or a volume (N, C, D, H, W), got shape {tuple(image.shape)}.")
     if tile is not None:
         return sliding_window(model, image, tile, scales=scales, flip=flip, **sliding_kwargs)
-    return _augmented_probs(model, image, 0, "the model", scales, flip)
+    return _augmented_probs(model, image, (0,) * (image.ndim - 2), "the model", scales, flip)
 
 
 def predict(

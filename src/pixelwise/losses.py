@@ -42,13 +42,14 @@ def _as_weight(weight: Weights | None, name: str) -> Tensor | None:
 
 
 def _check_logits_target(logits: Tensor, target: Tensor, ignore_index: int) -> None:
-    """Shapes (N, K, H, W) / (N, H, W), integer target, class ids in [0, K) or ignore_index."""
-    if logits.dim() != 4:
-        raise ValueError(f"logits must be (N, K, H, W), got shape {tuple(logits.shape)}")
-    n, k, h, w = logits.shape
-    if tuple(target.shape) != (n, h, w):
+    """Shapes (N, K, H, W) / (N, H, W) (volumes: (N, K, D, H, W) / (N, D, H, W)), integer
+    target, class ids in [0, K) or ignore_index."""
+    if logits.dim() not in (4, 5):
+        raise ValueError(f"logits must be (N, K, H, W) or (N, K, D, H, W), got shape {tuple(logits.shape)}")
+    n, k, *spatial = logits.shape
+    if tuple(target.shape) != (n, *spatial):
         raise ValueError(
-            f"target must be (N, H, W) = {(n, h, w)} to match logits {tuple(logits.shape)}, got {tuple(target.shape)}"
+            f"target must be (N, H, W) = {(n, *spatial)} to match logits {tuple(logits.shape)}, got {tuple(target.shape)}"
         )
     if target.is_floating_point() or target.dtype == torch.bool:
         raise ValueError(f"target must hold int64 class ids, got dtype {target.dtype}; convert it with .long()")
@@ -173,7 +174,7 @@ class DiceLoss(nn.Module):
         prob = logits.softmax(1)
         # One-hot target (N, K, H, W), all zeros on ignored pixels.
         onehot = torch.zeros_like(prob).scatter_(1, target.clamp(0, k - 1).unsqueeze(1), valid.to(prob.dtype))
-        dims = (0, 2, 3)
+        dims = (0, *range(2, prob.dim()))
         inter = (prob * onehot).sum(dims)
         count = onehot.sum(dims)
         card = (prob * valid).sum(dims) + count
@@ -266,9 +267,9 @@ class LovaszSoftmaxLoss(nn.Module):
             raise ValueError(f"classes {self.classes} must be class ids in [0, {k})")
         prob = logits.softmax(1)
         if not self.per_image:
-            loss = self._flat(prob.permute(0, 2, 3, 1).reshape(-1, k), target.reshape(-1))
+            loss = self._flat(prob.movedim(1, -1).reshape(-1, k), target.reshape(-1))
             return loss if loss is not None else _zero_with_grad(logits)
-        losses = [self._flat(p.permute(1, 2, 0).reshape(-1, k), t.reshape(-1)) for p, t in zip(prob, target)]
+        losses = [self._flat(p.movedim(0, -1).reshape(-1, k), t.reshape(-1)) for p, t in zip(prob, target)]
         losses = [x for x in losses if x is not None]
         return torch.stack(losses).mean() if losses else _zero_with_grad(logits)
 
@@ -496,22 +497,85 @@ def unet_weight_map(
         if wc.shape != (2,):
             raise ValueError(f"class_weights must be (w_background, w_foreground), got {list(class_weights)}")
     weights = np.where(foreground, wc[1], wc[0])
+    return np.where(foreground, weights, weights + _border_term(instances, w0, sigma)).astype(np.float32)
+
+
+def _border_term(instances: np.ndarray, w0: float, sigma: float) -> np.ndarray | float:
+    """w0 exp(-(d1 + d2)^2 / (2 sigma^2)) for (H, W) instance ids (0 = none); 0 with < 2 instances.
+
+    Distances beyond the point where the term falls under 1e-7 are not computed.
+    """
     boxes = [(i + 1, box) for i, box in enumerate(ndimage.find_objects(instances)) if box is not None]
     if w0 == 0 or len(boxes) < 2:
-        return weights.astype(np.float32)
+        return 0.0
     # Past this distance w0 * exp(-d^2 / (2 sigma^2)) < 1e-7: d2 >= reach adds nothing.
     reach = sigma * math.sqrt(2 * math.log(max(abs(w0) / 1e-7, 1.0)))
     pad = int(math.ceil(reach))
-    d1 = np.full(m.shape, np.inf)
-    d2 = np.full(m.shape, np.inf)
+    d1 = np.full(instances.shape, np.inf)
+    d2 = np.full(instances.shape, np.inf)
     for label, box in boxes:
-        crop = tuple(slice(max(s.start - pad, 0), min(s.stop + pad, size)) for s, size in zip(box, m.shape))
+        crop = tuple(slice(max(s.start - pad, 0), min(s.stop + pad, size)) for s, size in zip(box, instances.shape))
         d = ndimage.distance_transform_edt(instances[crop] != label)
         a, b = d1[crop], d2[crop]
         b[...] = np.minimum(b, np.maximum(a, d))
         a[...] = np.minimum(a, d)
-    border = w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2))
-    return np.where(foreground, weights, weights + border).astype(np.float32)
+    return w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2))
+
+
+def semantic_weight_map(
+    mask: np.ndarray | Tensor,
+    background: int = 0,
+    ignore_index: int = 255,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    class_weights: Sequence[float] | None = None,
+) -> np.ndarray:
+    """U-Net weight map for a semantic label map with any number of classes.
+
+    Every foreground class (not ``background``, not ``ignore_index``) is split into its
+    4-connected components; d1 and d2 are the distances of a background pixel to the
+    nearest and second-nearest of these instances, over all classes, and the border term
+    w0 exp(-(d1 + d2)^2 / (2 sigma^2)) is added on background pixels as in
+    :func:`unet_weight_map` (Ronneberger et al. 2015). Two touching regions of different
+    classes are two instances. For a 0/1 map (ISBI: 0 membrane, 1 cell) it equals
+    ``unet_weight_map(mask == 1)``.
+
+    Args:
+        mask: (H, W) class ids.
+        background: the class between instances (the border term goes there).
+        ignore_index: pixels that belong to no class; weight 0.
+        w0: border weight.
+        sigma: border width in pixels.
+        class_weights: w_c per class id (indexable by every id in ``mask``); default inverse
+            class frequency over the labelled pixels, the most frequent class 1.
+
+    Returns:
+        float32 (H, W) weights, for ``CrossEntropyLoss(...)(logits, target, pixel_weights=...)``.
+    """
+    m = mask.detach().cpu().numpy() if isinstance(mask, Tensor) else np.asarray(mask)
+    if m.ndim != 2 or not np.issubdtype(m.dtype, np.integer) or (m.size and m.min() < 0):
+        raise ValueError(f"mask must be an (H, W) map of non-negative class ids, got shape {m.shape} dtype {m.dtype}")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0 pixels, got {sigma}")
+    labelled = m != ignore_index
+    ids = m.astype(np.int64)
+    counts = np.bincount(ids[labelled], minlength=background + 1).astype(np.float64)
+    if class_weights is None:
+        wc = np.where(counts > 0, counts.max() / np.maximum(counts, 1), 0.0)
+    else:
+        wc = np.asarray(class_weights, np.float64)
+        if wc.ndim != 1 or wc.size < counts.size:
+            raise ValueError(f"class_weights needs one weight per class id up to {counts.size - 1}, got {list(class_weights)}")
+    weights = np.where(labelled, wc[np.where(labelled, ids, 0)], 0.0)
+    instances = np.zeros(m.shape, np.int64)
+    count = 0
+    for c in np.unique(ids[labelled & (ids != background)]):
+        components, n = ndimage.label(ids == c)
+        inside = components > 0
+        instances[inside] = components[inside] + count
+        count += n
+    border = _border_term(instances, w0, sigma)
+    return np.where(labelled & (ids == background), weights + border, weights).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- registry

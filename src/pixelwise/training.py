@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from pixelwise.config import check_field_types, load_yaml
 from pixelwise.io import atomic_write, atomic_write_text, remove_stale_temp_files
 from pixelwise.models import create_model, load_model, save_model
-from pixelwise.models.registry import get_builder
+from pixelwise.models.registry import spatial_dims
 from pixelwise.report import plot_history
 from pixelwise.tasks import Task, get_task
 
@@ -46,7 +46,8 @@ class TrainConfig:
     ``data`` is a dataset spec for :func:`pixelwise.data.open_dataset` (``camvid:PATH``,
     ``isbi2012:PATH``, ``voc:PATH``, ``cityscapes:PATH`` or a folder). ``task`` names a
     :mod:`pixelwise.tasks` entry: ``semantic``, or ``edges`` to train an edge detector (HED)
-    on the class boundaries of the label maps.
+    on the class boundaries of the label maps; ``task_args`` are that task's own options
+    (e.g. ``task=scribbles task_args.method=scribblesup task_args.rounds=3``).
     ``val_scales`` are the test-time scales of validation (e.g. ``[0.5]`` for a model
     trained on half-size crops); ``max_minutes`` fits the poly schedule after every epoch
     so that training ends within the budget (the epochs of a resumed run's earlier parts
@@ -59,6 +60,7 @@ class TrainConfig:
     model: str = "unet"
     model_args: dict[str, Any] = field(default_factory=dict)
     task: str = "semantic"
+    task_args: dict[str, Any] = field(default_factory=dict)
     train_split: str = "train"
     val_split: str = "val"
     epochs: int = 10
@@ -69,7 +71,7 @@ class TrainConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     hflip: bool = True
     color_jitter: float = 0.2
-    elastic: bool = False
+    elastic: bool | str = False
     mean: list[float] | None = None
     std: list[float] | None = None
     optimizer: str = "sgd"
@@ -90,10 +92,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        for name in ("crop_size", "scale_range"):
-            if getattr(self, name) is not None and len(getattr(self, name)) != 2:
-                raise ValueError(f"{name}={getattr(self, name)!r} must hold two numbers, e.g. [256, 256]")
-        get_builder(self.model)
+        if self.scale_range is not None and len(self.scale_range) != 2:
+            raise ValueError(f"scale_range={self.scale_range!r} must hold two numbers, e.g. [0.5, 2.0]")
+        dims = spatial_dims(self.model)  # also rejects an unknown model name
+        if self.crop_size is not None and len(self.crop_size) != dims:
+            example = "[256, 256]" if dims == 2 else "[16, 64, 64] (depth, height, width)"
+            count = {2: "two", 3: "three"}[dims]
+            raise ValueError(f"crop_size={self.crop_size!r} must hold {count} numbers for {self.model}, e.g. {example}")
         get_task(self.task)
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer={self.optimizer!r}: use 'sgd' or 'adamw'")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -38,6 +39,44 @@ def to_float(image: np.ndarray) -> np.ndarray:
     if np.issubdtype(image.dtype, np.floating):
         return image.astype(np.float32, copy=False)
     raise ValueError(f"image dtype {image.dtype} is not supported; use uint8, uint16 or float in [0, 1]")
+
+
+ELASTIC_MODES = ("smooth", "grid")
+
+
+def grid_elastic_field(
+    height: int, width: int, rng: np.random.Generator, grid: int = 3, sigma: float = 10.0
+) -> np.ndarray:
+    """The U-Net paper's deformation field (Ronneberger et al. 2015, Sec. 3.1), (2, H, W) float32 pixels.
+
+    Displacement vectors (dy, dx) on a coarse ``grid`` x ``grid`` lattice whose nodes span
+    the image, corners included (node (i, j) at pixel (i (H - 1) / (grid - 1), j (W - 1) /
+    (grid - 1))), each component drawn from N(0, sigma^2) (10 px in the paper), then
+    interpolated to every pixel by cubic spline interpolation (bicubic; the field passes
+    through the drawn vectors at the nodes).
+    """
+    from scipy import ndimage
+
+    coarse = rng.normal(0.0, sigma, size=(2, grid, grid))
+    yy = np.linspace(0, grid - 1, height)[:, None].repeat(width, 1)
+    xx = np.linspace(0, grid - 1, width)[None, :].repeat(height, 0)
+    return np.stack([ndimage.map_coordinates(c, [yy, xx], order=3, mode="mirror") for c in coarse]).astype(np.float32)
+
+
+def elastic_warp(image: np.ndarray, mask: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Resample (H, W, C) ``image`` (bilinear) and (H, W) ``mask`` (nearest) at ``(y + dy, x + dx)``.
+
+    ``field`` is (2, H, W) (dy, dx) in pixels; the border is mirrored (``BORDER_REFLECT_101``).
+    """
+    h, w = mask.shape
+    map_y = (np.arange(h, dtype=np.float32)[:, None] + field[0]).astype(np.float32)
+    map_x = (np.arange(w, dtype=np.float32)[None, :] + field[1]).astype(np.float32)
+    channels = [
+        cv2.remap(np.ascontiguousarray(image[..., c]), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        for c in range(image.shape[-1])
+    ]
+    warped_mask = cv2.remap(mask, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
+    return np.stack(channels, axis=-1), warped_mask
 
 
 def _check_inputs(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -102,11 +141,24 @@ class ToTensor:
         )
 
 
+def reseed_in_worker(transform: Any) -> None:
+    """Inside a DataLoader worker, restart ``transform``'s draws from the worker's seed once per
+    worker process (``transform.set_random_seed``; state kept in ``transform._seeded_for``)."""
+    info = get_worker_info()
+    if info is None:
+        return
+    key = (os.getpid(), info.seed)
+    if key != getattr(transform, "_seeded_for", None):
+        transform.set_random_seed(info.seed)
+        transform._seeded_for = key
+
+
 class TrainTransform:
     """Random scale -> pad -> random crop -> horizontal flip -> colour jitter -> elastic -> tensors.
 
     Build it with :func:`train_transform`. Scale, pad and crop are done here (cv2, bilinear
-    image / pixel-centre nearest mask); flip, jitter and the elastic warp by albumentations.
+    image / pixel-centre nearest mask); flip, jitter and the smooth elastic warp by
+    albumentations; the U-Net grid warp by :func:`elastic_warp`.
     Each DataLoader worker reseeds the random draws from its torch worker seed, so workers do
     not repeat each other's augmentations.
     """
@@ -117,7 +169,7 @@ class TrainTransform:
         scale_range: tuple[float, float] | None,
         hflip: bool,
         color_jitter: float,
-        elastic: bool,
+        elastic: bool | str,
         mean: Sequence[float] | None,
         std: Sequence[float] | None,
         ignore_index: int | None,
@@ -140,7 +192,8 @@ class TrainTransform:
             # Saturation and hue leave single-channel images untouched.
             j = color_jitter
             steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j / 4, 0.5), p=0.8))
-        if elastic:
+        self.grid_elastic = elastic == "grid"
+        if elastic is True or elastic == "smooth":
             # U-Net (Ronneberger et al. 2015): smooth random displacements of ~10 px on a 572-px
             # tile; here a field smooth over 1/8 of the side, displacement std ~2% of the side
             # (side = the crop's shorter side, or 512 without a crop size).
@@ -168,15 +221,6 @@ class TrainTransform:
         """Restart the random draws from ``seed`` (the trainer does this every epoch)."""
         self.rng = np.random.default_rng(seed)
         self.pipeline.set_random_seed(seed % 2**32)
-
-    def _reseed_in_worker(self) -> None:
-        info = get_worker_info()
-        if info is None:
-            return
-        key = (os.getpid(), info.seed)
-        if key != self._seeded_for:
-            self.set_random_seed(info.seed)
-            self._seeded_for = key
 
     def _scale_pad_crop(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rescale, pad (centred) to at least the crop size, then crop at a random position.
@@ -217,13 +261,15 @@ class TrainTransform:
                 f"mask values range {mask.min()}..{mask.max()}; transforms need ids in 0..65535"
             )
         self.to_tensor.check_channels(image.shape[-1])
-        self._reseed_in_worker()
+        reseed_in_worker(self)
         x, y = self._scale_pad_crop(to_float(image), mask.astype(np.uint16))
         out = self.pipeline(image=np.ascontiguousarray(x), mask=np.ascontiguousarray(y))
-        x = out["image"]
+        x, y = out["image"], out["mask"]
         if x.ndim == 2:
             x = x[:, :, None]
-        return self.to_tensor(x, out["mask"])
+        if self.grid_elastic:
+            x, y = elastic_warp(x, y, grid_elastic_field(*y.shape, self.rng))
+        return self.to_tensor(x, y)
 
 
 def train_transform(
@@ -231,7 +277,7 @@ def train_transform(
     scale_range: tuple[float, float] | None = (0.5, 2.0),
     hflip: bool = True,
     color_jitter: float = 0.2,
-    elastic: bool = False,
+    elastic: bool | str = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     ignore_index: int | None = None,
@@ -251,7 +297,11 @@ def train_transform(
         scale_range: ``(low, high)`` scale factors, or None for no rescaling.
         hflip: Flip left-right with probability 0.5.
         color_jitter: Strength of brightness/contrast/saturation jitter (0 disables it).
-        elastic: Smooth elastic deformation (probability 0.5), as U-Net uses on EM images.
+        elastic: ``"grid"``: the U-Net paper's deformation, on every sample: a 3 x 3 grid of
+            displacement vectors drawn from N(0, 10 px), bicubically interpolated
+            (:func:`grid_elastic_field`). ``True`` or ``"smooth"``: albumentations' dense
+            smoothed field (probability 0.5; displacement std about 2% of the crop side, ~5 px
+            on a 256 crop). ``False``: none.
         mean: Per-channel mean in [0, 1] units for normalisation.
         std: Per-channel std in [0, 1] units.
         ignore_index: Mask value for padded pixels (the loss ignores them); None takes the
@@ -270,6 +320,8 @@ def train_transform(
         raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range!r}")
     if color_jitter < 0:
         raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
+    if not isinstance(elastic, bool) and elastic not in ELASTIC_MODES:
+        raise ValueError(f"elastic={elastic!r} is not supported; use false, true, 'smooth' or 'grid' (the U-Net paper)")
     return TrainTransform(crop_size, scale_range, hflip, color_jitter, elastic, mean, std, ignore_index, seed)
 
 

@@ -33,15 +33,18 @@ import torch
 from torch import nn
 
 from pixelwise.models.backbones import ResNet, VGG16, load_backbone_weights, read_state_dict
+from pixelwise.models.backbones.vgg import vgg16_fc_as_convs
 from pixelwise.models.layers import bilinear_kernel, crop_to, resize_to
 
 FCNVariant = Literal["32s", "16s", "8s"]
 FCN_VARIANTS = ("32s", "16s", "8s")
 
 
-def bilinear_upsampler(channels: int, kernel_size: int, stride: int, learnable: bool) -> nn.ConvTranspose2d:
+def bilinear_upsampler(
+    channels: int, kernel_size: int, stride: int, learnable: bool, padding: int = 0
+) -> nn.ConvTranspose2d:
     """Bias-free ``ConvTranspose2d`` (C -> C) initialised to bilinear upsampling by ``stride``."""
-    up = nn.ConvTranspose2d(channels, channels, kernel_size, stride, bias=False)
+    up = nn.ConvTranspose2d(channels, channels, kernel_size, stride, padding, bias=False)
     with torch.no_grad():
         up.weight.copy_(bilinear_kernel(channels, kernel_size))
     up.weight.requires_grad_(learnable)
@@ -133,8 +136,7 @@ def load_vgg16_weights(model: FCN, path: str | Path) -> list[str]:
     :func:`~pixelwise.models.backbones.load_backbone_weights`, which also adapts conv1_1 to
     other input channel counts); the fully connected ``classifier.0`` (4096, 25088) and
     ``classifier.3`` (4096, 4096) become the convolutions fc6 (4096, 512, 7, 7) and fc7
-    (4096, 4096, 1, 1), as in the FCN paper ("convolutionalization"). torchvision flattens
-    pool5 as (C, H, W), so a plain reshape keeps each weight in its place.
+    (4096, 4096, 1, 1), as in the FCN paper (:func:`~pixelwise.models.backbones.vgg.vgg16_fc_as_convs`).
 
     Returns:
         The checkpoint keys that were not used (the ImageNet classifier ``classifier.6.*``).
@@ -145,17 +147,8 @@ def load_vgg16_weights(model: FCN, path: str | Path) -> list[str]:
     except ValueError as err:
         raise ValueError(f"{str(path)!r}: {err}") from err
     with torch.no_grad():
-        for conv, key in ((model.fc6, "classifier.0"), (model.fc7, "classifier.3")):
-            weight, bias = state.get(f"{key}.weight"), state.get(f"{key}.bias")
-            if weight is None or bias is None:
-                raise ValueError(f"{str(path)!r} lacks {key}.weight / {key}.bias; pass a torchvision vgg16 checkpoint")
-            expected = (conv.out_channels, conv.weight[0].numel())
-            if tuple(weight.shape) != expected or tuple(bias.shape) != (conv.out_channels,):
-                raise ValueError(
-                    f"{str(path)!r}: {key}.weight has shape {tuple(weight.shape)}, FCN needs {expected}; "
-                    "pass a torchvision vgg16 (not vgg16_bn or another network) checkpoint"
-                )
-            conv.weight.copy_(weight.reshape(conv.weight.shape))
+        for conv, (weight, bias) in zip((model.fc6, model.fc7), vgg16_fc_as_convs(state, str(path))):
+            conv.weight.copy_(weight)
             conv.bias.copy_(bias)
     return [k for k in unused if not k.startswith(("classifier.0.", "classifier.3."))]
 
@@ -164,27 +157,44 @@ class FCNResNet(nn.Module):
     """FCN-8s-style skip net on a ResNet (output stride 32).
 
     1x1 score layers (zero-initialised) on ``c3`` (stride 8), ``c4`` (16) and ``c5`` (32);
-    from the coarsest, each score map is bilinearly resized to the next finer one and added;
-    the stride-8 sum is resized to the input.
+    from the coarsest, each score map is upsampled x2 to the next finer one and added; the
+    stride-8 sum is upsampled to the input. ``upsampling="bilinear"`` (default) resizes
+    (align_corners=False); ``"deconv"`` uses the FCN paper's transposed convs instead,
+    learnable, bias-free and initialised to bilinear interpolation (``upscore2``,
+    ``upscore_pool4`` k4 s2 pad 1, ``upscore8`` k16 s8 pad 4), cropped to the finer map. Away
+    from the border they equal the bilinear resize; at the border they read zeros beyond it.
 
     Shapes: (N, in_channels, H, W) -> (N, K, H, W) for any H, W.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3, depth: int = 50) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 3, depth: int = 50, upsampling: str = "bilinear") -> None:
         super().__init__()
+        if upsampling not in ("bilinear", "deconv"):
+            raise ValueError(f"upsampling={upsampling!r} is not supported; choose 'bilinear' or 'deconv'")
         self.backbone = ResNet(depth, in_channels, output_stride=32)
         channels = self.backbone.out_channels
         self.score_c5 = score_layer(channels["c5"], num_classes)
         self.score_c4 = score_layer(channels["c4"], num_classes)
         self.score_c3 = score_layer(channels["c3"], num_classes)
+        self.upscore2 = self.upscore_pool4 = self.upscore8 = None
+        if upsampling == "deconv":
+            self.upscore2 = bilinear_upsampler(num_classes, 4, 2, learnable=True, padding=1)
+            self.upscore_pool4 = bilinear_upsampler(num_classes, 4, 2, learnable=True, padding=1)
+            self.upscore8 = bilinear_upsampler(num_classes, 16, 8, learnable=True, padding=4)
+
+    @staticmethod
+    def _up(score: torch.Tensor, deconv: nn.ConvTranspose2d | None, size: torch.Size) -> torch.Tensor:
+        if deconv is None:
+            return resize_to(score, size)
+        return crop_to(deconv(score), *size, 0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, K, H, W) logits."""
         feats = self.backbone(x)
         score = self.score_c5(feats["c5"])
-        score = resize_to(score, feats["c4"].shape[-2:]) + self.score_c4(feats["c4"])
-        score = resize_to(score, feats["c3"].shape[-2:]) + self.score_c3(feats["c3"])
-        return resize_to(score, x.shape[-2:])
+        score = self._up(score, self.upscore2, feats["c4"].shape[-2:]) + self.score_c4(feats["c4"])
+        score = self._up(score, self.upscore_pool4, feats["c3"].shape[-2:]) + self.score_c3(feats["c3"])
+        return self._up(score, self.upscore8, x.shape[-2:])
 
 
 def fcn32s(*, num_classes: int, in_channels: int = 3, learnable_upsampling: bool = False) -> FCN:
@@ -202,9 +212,16 @@ def fcn8s(*, num_classes: int, in_channels: int = 3, learnable_upsampling: bool 
     return FCN(num_classes, in_channels, "8s", learnable_upsampling)
 
 
-def fcn8s_resnet50(*, num_classes: int, in_channels: int = 3) -> FCNResNet:
-    """FCN-8s-style skip net on ResNet-50 (scores from strides 8, 16 and 32)."""
-    return FCNResNet(num_classes, in_channels, depth=50)
+def fcn8s_resnet50(*, num_classes: int, in_channels: int = 3, upsampling: str = "bilinear") -> FCNResNet:
+    """FCN-8s-style skip net on ResNet-50; bilinear resize, option upsampling="deconv" (FCN's learnable deconvs).
+
+    Args:
+        num_classes: K.
+        in_channels: image channels.
+        upsampling: ``"bilinear"`` (default) or ``"deconv"``: bilinear-initialised learnable
+            transposed convs, as the FCN paper (see :class:`FCNResNet`).
+    """
+    return FCNResNet(num_classes, in_channels, depth=50, upsampling=upsampling)
 
 
 MODELS = {

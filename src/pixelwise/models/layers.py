@@ -70,26 +70,23 @@ def crop_to(x: torch.Tensor, height: int, width: int, top: int | None = None, le
     return x[..., top : top + height, left : left + width]
 
 
-def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Bilinear resize of (N, C, h, w) to (N, C, *size) (align_corners=False); no-op if equal."""
-    if tuple(x.shape[-2:]) == tuple(size):
+def resize_to(x: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Bilinear resize of (N, C, h, w) to (N, C, *size) (align_corners=False); no-op if equal.
+
+    A volume (N, C, d, h, w) is resized trilinearly to (N, C, *size).
+    """
+    if tuple(x.shape[2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=tuple(size), mode="bilinear" if x.ndim == 4 else "trilinear", align_corners=False)
 
 
 def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
     """Pad (N, C, H, W) by mirroring the border (``reflect``: the edge pixel is not repeated).
 
-    An axis whose pad is not smaller than the image along it cannot be reflected; that axis
-    is padded by repeating its edge pixel (``replicate``) instead.
+    Pads of any length reflect repeatedly (:func:`reflect_index`), the same rule as the
+    sliding-window inference, so a pad longer than the image continues the mirror pattern.
     """
-    if top or bottom:
-        mode = "reflect" if max(top, bottom) < x.shape[-2] else "replicate"
-        x = F.pad(x, (0, 0, top, bottom), mode=mode)
-    if left or right:
-        mode = "reflect" if max(left, right) < x.shape[-1] else "replicate"
-        x = F.pad(x, (left, right, 0, 0), mode=mode)
-    return x
+    return mirror_pad_nd(x, [(top, bottom), (left, right)])
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -99,3 +96,32 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """
     h, w = x.shape[-2:]
     return mirror_pad(x, 0, -h % multiple, 0, -w % multiple)
+
+
+def reflect_index(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Map integer positions (any, even far outside ``[0, size)``) to mirrored positions inside it.
+
+    Mirrors without repeating the edge (numpy's ``reflect``), repeatedly for positions
+    more than one image length outside; a size-1 axis maps everything to 0.
+    Example: size 3, positions -4..6 -> 0 1 2 1 0 1 2 1 0 1 2.
+    """
+    if size == 1:
+        return torch.zeros_like(index)
+    period = 2 * (size - 1)
+    index = index.remainder(period)
+    return torch.where(index >= size, period - index, index)
+
+
+def mirror_pad_nd(x: torch.Tensor, pads: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Reflect-pad the last ``len(pads)`` axes of ``x`` by ``(before, after)`` each (see :func:`reflect_index`).
+
+    Pads may exceed the axis length; the reflection then repeats. (N, C, D, H, W) with
+    ``pads = [(0, 1), (2, 2), (0, 0)]`` -> (N, C, D + 1, H + 4, W).
+    """
+    first = x.ndim - len(pads)
+    for axis, (before, after) in enumerate(pads, start=first):
+        if before or after:
+            size = x.shape[axis]
+            index = reflect_index(torch.arange(-before, size + after, device=x.device), size)
+            x = x.index_select(axis, index)
+    return x

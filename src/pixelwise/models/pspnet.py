@@ -1,19 +1,21 @@
 """PSPNet (Zhao et al. 2017, "Pyramid Scene Parsing Network", https://arxiv.org/abs/1612.01105).
 
-Dilated ResNet (output stride 8) -> pyramid pooling module (bins 1, 2, 3, 6; each a 1x1
-conv to C/4 + BN + ReLU, upsampled and concatenated with the input) -> 3x3 conv 512 + BN +
-ReLU -> dropout 0.1 -> 1x1 classifier -> bilinear resize to the input. An optional
+Dilated ResNet (output stride 8; the paper's deep 3x3 stem by default, torchvision's 7x7
+stem with ``stem="standard"``) -> pyramid pooling module (bins 1, 2, 3, 6; each a 1x1 conv
+to C/4 + BN + ReLU, upsampled and concatenated with the input) -> 3x3 conv 512 + BN + ReLU
+-> dropout 0.1 -> 1x1 classifier -> bilinear resize to the input. An optional
 auxiliary FCN head on ``c4`` (ResNet ``layer3``) is trained with loss weight 0.4.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
-from pixelwise.models.backbones import RESNET_DEPTHS, ResNet, create_backbone
+from pixelwise.models.backbones import RESNET_DEPTHS, ResNet
 from pixelwise.models.layers import ConvBNReLU, resize_to
 
 
@@ -109,8 +111,9 @@ def pspnet(
     backbone: str = "resnet50",
     output_stride: int = 8,
     aux: bool = False,
+    stem: Literal["deep", "standard"] = "deep",
 ) -> nn.Module:
-    """PSPNet on a dilated ResNet.
+    """PSPNet on a dilated ResNet; paper: deep 3x3 stem (default), option stem="standard" (torchvision's 7x7).
 
     Args:
         num_classes: K.
@@ -119,12 +122,15 @@ def pspnet(
         output_stride: 8 (the paper, default) or 16 (cheaper).
         aux: build the auxiliary head on ``c4`` (loss weight 0.4 in the paper); off by default
             so that ``forward`` uses every parameter.
+        stem: ``"deep"`` (default): the paper's ResNet, whose 7x7 stem is three 3x3 convs
+            (64 stride 2, 64, 128; the released ``pspnet50_ADE20K.prototxt``);
+            ``"standard"``: torchvision's 7x7 stem, so a torchvision ResNet checkpoint loads.
     """
     if backbone not in RESNET_DEPTHS:
         raise ValueError(f"pspnet backbone={backbone!r} is not supported; choose one of {', '.join(RESNET_DEPTHS)}")
     if output_stride not in (8, 16):
         raise ValueError(f"pspnet output_stride={output_stride!r} is not supported; choose 8 (the paper) or 16")
-    return PSPNet(create_backbone(backbone, in_channels, output_stride), num_classes, aux)
+    return PSPNet(ResNet(RESNET_DEPTHS[backbone], in_channels, output_stride, stem=stem), num_classes, aux)
 
 
 MODELS = {"pspnet": pspnet}

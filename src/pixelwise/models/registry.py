@@ -25,6 +25,14 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
+def spatial_dims(name: str) -> int:
+    """Spatial dimensions of the inputs model ``name`` takes: 2 for (N, C, H, W), 3 for (N, C, D, H, W).
+
+    Read from the builder's ``spatial_dims`` attribute (volumetric builders set 3); default 2.
+    """
+    return getattr(get_builder(name), "spatial_dims", 2)
+
+
 def get_builder(name: str) -> Callable[..., nn.Module]:
     """The builder registered as ``name``; an unknown name raises a ValueError listing valid ones."""
     if name not in MODELS:
@@ -38,8 +46,8 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
     """Build a model by name.
 
     The model maps (N, in_channels, H, W) float images to (N, num_classes, H, W) logits
-    for any H, W. Its creation arguments are kept in ``model.config`` so that
-    :func:`save_model` / :func:`load_model` can rebuild it.
+    for any H, W. Its creation arguments, defaults included, are kept in ``model.config``
+    so that :func:`save_model` / :func:`load_model` can rebuild it.
 
     Example:
         >>> model = create_model("unet", num_classes=3, base_channels=8)
@@ -53,7 +61,12 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
         options = [p for p in accepted if p not in ("num_classes", "in_channels")]
         raise ValueError(f"model {name!r} does not take {', '.join(unknown)}; its options are: {', '.join(options) or 'none'}")
     model = builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
-    model.config = {"name": name, "num_classes": num_classes, "in_channels": in_channels, **kwargs}
+    # Every option, defaults included, so a checkpoint rebuilds the same network even after
+    # a default changes (tuples as lists, as JSON gives them back).
+    bound = inspect.signature(builder).bind(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    bound.apply_defaults()
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}
+    model.config = {"name": name, **options}
     return model
 
 

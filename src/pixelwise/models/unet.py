@@ -26,6 +26,21 @@ Upsampling = Literal["transpose", "bilinear"]
 Block = Literal["double", "residual"]
 
 
+def init_paper(module: nn.Module) -> None:
+    """U-Net paper init (Sec. 3): every conv and up-conv weight from N(0, sqrt(2 / N)), biases 0.
+
+    N is the fan-in k * k * C_in, for a ``Conv2d`` and for a ``ConvTranspose2d`` alike (the
+    latter's weight is (C_in, C_out, k, k), so PyTorch's own fan-in would be C_out * k * k).
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            c_in = m.in_channels // m.groups
+            fan_in = c_in * m.kernel_size[0] * m.kernel_size[1]
+            nn.init.normal_(m.weight, std=math.sqrt(2.0 / fan_in))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def conv_relu(in_channels: int, out_channels: int, padding: int, batch_norm: bool) -> list[nn.Module]:
     """3x3 conv (bias only without BN) [-> BN] -> ReLU, as a list of layers."""
     layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=padding, bias=not batch_norm)]
@@ -88,7 +103,8 @@ class UNetOriginal(nn.Module):
 
     Dropout (``dropout``, 0.5 by default) follows the last two contracting blocks (512 and
     1024 channels): the paper's "drop-out layers at the end of the contracting path".
-    Convs are initialised from N(0, 2 / fan_in) (paper Sec. 3).
+    Convs and up-convs are initialised from N(0, sqrt(2 / N)), N = k * k * C_in
+    (:func:`init_paper`, paper Sec. 3).
 
     Args:
         num_classes: K, number of output classes (2 in the paper).
@@ -121,10 +137,7 @@ class UNetOriginal(nn.Module):
             DoubleConv(2 * widths[i], widths[i], padding=0, batch_norm=False) for i in reversed(range(self.depth))
         )
         self.head = nn.Conv2d(widths[0], num_classes, 1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        init_paper(self)
 
     @staticmethod
     def valid_input_size(output_size: int) -> int:
@@ -238,11 +251,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(make_up(widths[i + 1], widths[i]) for i in reversed(range(depth)))
         self.up_blocks = nn.ModuleList(make_block(2 * widths[i], widths[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_paper(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, K, H, W) logits."""

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from pixelwise.data import eval_transform, open_dataset, train_transform
 from pixelwise.evaluation import EvalResult, evaluate
-from pixelwise.losses import build_loss, class_pixel_counts, enet_weights, median_frequency_weights, unet_weight_map
+from pixelwise.losses import build_loss, class_pixel_counts, enet_weights, median_frequency_weights, semantic_weight_map
 from pixelwise.metrics import BoundaryFScore, ConfusionMatrix, SegmentScore, label_boundaries
 from pixelwise.report import write_eval_report
 from pixelwise.tasks.base import Task, register_task
@@ -131,8 +131,8 @@ class SemanticTask(Task):
         if names is not None and len(names) != self.output_channels(dataset):
             raise ValueError(
                 f"the model was trained on {len(names)} classes ({', '.join(names)}) but {data} ({split}) has "
-                f"{dataset.num_classes} ({', '.join(dataset.class_names)}); evaluate on data labelled with the "
-                "model's classes"
+                f"{dataset.num_classes} ({', '.join(dataset.class_names)}); use data labelled with the model's "
+                "classes"
             )
         return dataset
 
@@ -163,7 +163,7 @@ class SemanticTask(Task):
         targets = torch.stack([self.target(labels) for _, labels in samples])
         weights = None
         if self.weight_map:
-            weights = torch.stack([torch.from_numpy(unet_weight_map((t == 1).numpy())) for t in targets])
+            weights = torch.stack([torch.from_numpy(semantic_weight_map(t, ignore_index=self.ignore_index)) for t in targets])
         return images, targets, weights
 
     def train_module(self, model: nn.Module) -> nn.Module:

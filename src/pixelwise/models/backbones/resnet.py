@@ -12,6 +12,7 @@ strides); with ``output_stride`` 16 or 8, stride is traded for dilation in ``c5`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -82,6 +83,10 @@ _DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
 }
 
 
+STEMS = {"standard": 64, "deep": 128}
+"""Stem name -> its output channels (``c1``)."""
+
+
 class ResNet(nn.Module):
     """ResNet feature extractor.
 
@@ -89,8 +94,12 @@ class ResNet(nn.Module):
         depth: 18, 34, 50 or 101.
         in_channels: input image channels.
         output_stride: 32 (plain), 16 (``c5`` dilated) or 8 (``c4`` and ``c5`` dilated).
-        multi_grid: per-block rate multipliers of ``c5`` (DeepLab v3 uses ``(1, 2, 4)``);
-            ``None`` means 1 for every block.
+        multi_grid: unit rates of ``c5``'s blocks, multiplied by its block rate (DeepLab v3
+            Sec. 3.2 uses ``(1, 2, 4)``); ``None`` is torchvision's dilation.
+        stem: ``"standard"`` (torchvision's 7x7 conv 64) or ``"deep"``: three 3x3 convs
+            (64 stride 2, 64, 128), each but the last with BN + ReLU, as the ResNet of
+            PSPNet's released models (``conv1_1_3x3_s2`` .. ``conv1_3_3x3``); ``conv1`` is
+            then that sequence, ``bn1`` has 128 channels and so does ``c1``.
     """
 
     def __init__(
@@ -99,23 +108,39 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         output_stride: int = 32,
         multi_grid: Sequence[int] | None = None,
+        stem: Literal["standard", "deep"] = "standard",
     ) -> None:
         super().__init__()
         if depth not in _DEPTHS:
             raise ValueError(f"ResNet depth={depth} is not supported; choose one of {sorted(_DEPTHS)}")
+        if stem not in STEMS:
+            raise ValueError(f"stem={stem!r} is not supported; choose one of {list(STEMS)}")
         block, layers = _DEPTHS[depth]
         self.depth = depth
-        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.stem = stem
+        if stem == "deep":
+            self.conv1: nn.Module = nn.Sequential(
+                nn.Conv2d(in_channels, 64, 3, 2, 1, bias=False),
+                nn.BatchNorm2d(64),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(64, 64, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(64),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(64, 128, 3, 1, 1, bias=False),
+            )
+        else:
+            self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        stem_channels = STEMS[stem]
+        self.bn1 = nn.BatchNorm2d(stem_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self._in = 64
+        self._in = stem_channels
         self.layer1 = self._make_layer(block, 64, layers[0], stride=1)
         self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
         self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
         e = block.expansion
-        self.out_channels = {"c1": 64, "c2": 64 * e, "c3": 128 * e, "c4": 256 * e, "c5": 512 * e}
+        self.out_channels = {"c1": stem_channels, "c2": 64 * e, "c3": 128 * e, "c4": 256 * e, "c5": 512 * e}
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -137,30 +162,36 @@ class ResNet(nn.Module):
         """Re-wire strides and dilations in place; the weights stay the same.
 
         The block that gives up its stride keeps the rate in force before it and later
-        blocks double it (torchvision's and TF DeepLab's rule), so the network at output
-        stride 8 computes exactly the stride-16 features densely: a model trained at
-        output stride 16 can be evaluated at 8 (DeepLab v3, Sec. 4.1). ``multi_grid``
-        multiplies the rates of layer4's blocks: (1, 2, 4) gives rates (1, 4, 8) at output
-        stride 16 and (2, 8, 16) at 8.
+        blocks double it (torchvision's ``replace_stride_with_dilation`` and TF DeepLab's
+        rule), so the network at output stride 8 computes exactly the stride-16 features
+        densely: a model trained at output stride 16 can be evaluated at 8 (DeepLab v3,
+        Sec. 4.1).
+
+        ``multi_grid`` (DeepLab v3, Sec. 3.2) gives layer4's blocks unit rates that are
+        multiplied by layer4's block rate (1 at output stride 32, 2 at 16, 4 at 8), every
+        block including the first: (1, 2, 4) gives rates (2, 4, 8) at output stride 16 and
+        (4, 8, 16) at 8, as in the paper. The switch from 16 to 8 stays exact, since every
+        rate after the removed stride doubles. ``None`` keeps torchvision's layer4 (first
+        block at the previous rate, the others at the block rate: (1, 2, 2) at 16).
         """
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride={output_stride} is not supported; choose 8, 16 or 32")
         n4 = len(self.layer4)
-        multi_grid = tuple(multi_grid) if multi_grid is not None else (1,) * n4
-        if len(multi_grid) != n4:
-            raise ValueError(f"multi_grid={multi_grid} needs one rate per block of layer4 ({n4} blocks)")
+        if multi_grid is not None and len(multi_grid) != n4:
+            raise ValueError(f"multi_grid={tuple(multi_grid)} needs one rate per block of layer4 ({n4} blocks)")
         rate = 1
-        for layer, dilate, grid in (
-            (self.layer3, output_stride <= 8, (1,) * len(self.layer3)),
-            (self.layer4, output_stride <= 16, multi_grid),
-        ):
+        for layer, dilate in ((self.layer3, output_stride <= 8), (self.layer4, output_stride <= 16)):
             before = rate
             rate *= 2 if dilate else 1
-            layer[0].set_stride_dilation(1 if dilate else 2, before * grid[0], rate * grid[0])
-            for blk, g in zip(layer[1:], grid[1:]):
-                blk.set_stride_dilation(1, rate * g, rate * g)
+            layer[0].set_stride_dilation(1 if dilate else 2, before, rate)
+            for blk in layer[1:]:
+                blk.set_stride_dilation(1, rate, rate)
+        if multi_grid is not None:
+            first_stride = 1 if output_stride <= 16 else 2
+            for i, (blk, unit) in enumerate(zip(self.layer4, multi_grid)):
+                blk.set_stride_dilation(first_stride if i == 0 else 1, rate * unit, rate * unit)
         self.output_stride = output_stride
-        self.multi_grid = multi_grid
+        self.multi_grid = tuple(multi_grid) if multi_grid is not None else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(N, C, H, W) -> dict of feature maps ``c1``..``c5`` (see module docstring)."""

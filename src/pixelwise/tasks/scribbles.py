@@ -1,0 +1,241 @@
+"""Training from scribbles as a task object: ``task=scribbles task_args.method=...``.
+
+Methods (``task_args.method``):
+
+- ``partial_ce``: cross-entropy on the scribbled pixels only.
+- ``scribblesup``: ScribbleSup (Lin et al., CVPR 2016): training is split into ``rounds``
+  equal rounds (of ``epochs``, or of ``max_minutes`` when a time budget is set: a round
+  starts at the first epoch after its share of the budget); each round starts by propagating the scribbles over each training
+  image's superpixel graph (:func:`pixelwise.weak.propagate_labels`; round 1 with appearance
+  models, later rounds with the network's predictions averaged per superpixel), then
+  trains with cross-entropy on the propagated labels. Each round's labels are written to
+  ``OUT/propagation/roundR/`` and scored in ``OUT/propagation.json`` (mIoU against the true
+  masks when the data set has them); the report draws one overlay per round.
+- ``regularized``: partial cross-entropy + a dense-CRF regulariser on the softmax
+  (Tang et al., ECCV 2018; :class:`pixelwise.weak.regularized.RegularizedLoss`).
+
+Scribbles come from ``DATA/train/scribbles/`` when the data set is a scribble folder
+(:mod:`pixelwise.data.scribbles`), otherwise they are simulated from the training masks
+(``density``, ``width``, ``min_area``, ``seed``). Validation uses the dense masks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from pixelwise.data import FolderDataset, eval_transform, open_dataset, train_transform
+from pixelwise.data.scribbles import ScribbleDataset, is_scribble_folder, open_scribbles, simulated_scribbles
+from pixelwise.inference import predict
+from pixelwise.io import atomic_write_text, read_image, read_mask, write_mask
+from pixelwise.losses import CrossEntropyLoss, PartialCrossEntropyLoss
+from pixelwise.metrics import ConfusionMatrix
+from pixelwise.tasks.base import register_task
+from pixelwise.tasks.semantic import SemanticTask
+from pixelwise.weak.regularized import RegularizedLoss
+
+METHODS = ("partial_ce", "scribblesup", "regularized")
+DEFAULTS: dict[str, Any] = {
+    "method": "scribblesup",
+    "rounds": 3,  # ScribbleSup: "three rounds suffice"
+    # simulated strokes (when the data set has no scribbles/ folder)
+    "density": 0.5,
+    "width": 3,
+    "min_area": 0,
+    "seed": 0,
+    # ScribbleSup graph
+    "superpixel_size": 100,
+    "pairwise_weight": 10.0,
+    # regularized loss
+    "reg_weight": 1.0,
+    "reg_scale": 0.5,
+    "reg_radius": 5,
+    "reg_sigma_xy": 3.0,
+    "reg_sigma_rgb": 15 / 255,
+}
+PROPAGATION = "propagation"
+
+
+def scribble_options(task_args: dict[str, Any]) -> dict[str, Any]:
+    """``task_args`` merged over :data:`DEFAULTS`, checked."""
+    unknown = sorted(set(task_args) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown task_args {', '.join(unknown)} for task=scribbles; valid: {', '.join(DEFAULTS)}")
+    opts = {**DEFAULTS, **task_args}
+    if opts["method"] not in METHODS:
+        raise ValueError(f"task_args.method={opts['method']!r}: use one of {', '.join(METHODS)}")
+    if not isinstance(opts["rounds"], int) or opts["rounds"] < 1:
+        raise ValueError(f"task_args.rounds={opts['rounds']!r} must be a whole number >= 1")
+    return opts
+
+
+def propagation_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rounds recorded in ``run_dir/propagation.json`` ([] when there are none)."""
+    path = Path(run_dir) / f"{PROPAGATION}.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+@register_task
+class ScribbleTask(SemanticTask):
+    """Semantic segmentation trained from scribbles; evaluated like :class:`SemanticTask`."""
+
+    name = "scribbles"
+    score_key = "mean_iou"
+
+    def datasets(self, cfg: Any) -> tuple[Dataset, Dataset]:
+        opts = scribble_options(cfg.task_args)
+        transform = train_transform(
+            crop_size=tuple(cfg.crop_size) if cfg.crop_size else None, scale_range=tuple(cfg.scale_range),
+            hflip=cfg.hflip, color_jitter=cfg.color_jitter, elastic=cfg.elastic, mean=cfg.mean, std=cfg.std,
+        )
+        if is_scribble_folder(cfg.data, cfg.train_split):
+            train_set = open_scribbles(cfg.data, cfg.train_split, transform=transform)
+        else:
+            dense = open_dataset(cfg.data, cfg.train_split)
+            train_set = simulated_scribbles(dense, opts["density"], opts["width"], opts["min_area"], opts["seed"], transform)
+        return train_set, self.open_eval(cfg.data, cfg.val_split, {"mean": cfg.mean, "std": cfg.std})
+
+    def open_eval(self, data: str, split: str, extra: dict[str, Any]) -> Dataset:
+        if is_scribble_folder(data, "train"):  # scribble layout: SPLIT/images + SPLIT/masks
+            return FolderDataset(Path(str(data)) / split, transform=eval_transform(mean=extra.get("mean"), std=extra.get("std")))
+        return super().open_eval(data, split, extra)
+
+    def setup(self, cfg: Any, train_set: Any, model: nn.Module, device: torch.device) -> None:
+        self.opts = scribble_options(cfg.task_args)
+        if cfg.loss != "ce" or cfg.class_weights is not None or cfg.unet_weight_map:
+            raise ValueError("task=scribbles picks its loss from task_args.method (partial_ce, scribblesup, regularized); "
+                             "drop loss=, class_weights= and unet_weight_map=")
+        self.run_dir, self.device = Path(cfg.out), device
+        self.mean, self.std, self.scales = cfg.mean, cfg.std, tuple(cfg.val_scales)
+        self.round_epochs = math.ceil(cfg.epochs / self.opts["rounds"])
+        self.round_seconds = None if cfg.max_minutes is None else 60 * cfg.max_minutes / self.opts["rounds"]
+        self.started = time.monotonic()
+        self.round = 0
+        self.graphs: dict[int, Any] = {}
+        super().setup(cfg, train_set, model, device)
+
+    def _criterion(self, cfg: Any, train_set: Any) -> nn.Module:
+        method, ignore = self.opts["method"], train_set.ignore_index
+        if method == "scribblesup":
+            return CrossEntropyLoss(ignore_index=ignore)
+        if method == "regularized":
+            o = self.opts
+            return RegularizedLoss(o["reg_weight"], ignore, o["reg_scale"], o["reg_radius"], o["reg_sigma_xy"], o["reg_sigma_rgb"])
+        return PartialCrossEntropyLoss(unlabeled_index=ignore)
+
+    def _unit_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised inputs (N, C, H, W) back to [0, 1] units for the regulariser's colour kernel."""
+        if self.std is not None:
+            images = images * torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        if self.mean is not None:
+            images = images + torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        return images
+
+    def loss(self, module: nn.Module, batch: tuple[Any, ...], device: torch.device) -> torch.Tensor:
+        if self.opts["method"] != "regularized":
+            return super().loss(module, batch, device)
+        images, targets, _ = batch
+        images, targets = images.to(device), targets.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            outputs = module(images)
+        units = self._unit_images(images)
+        return sum(
+            (1.0 if key == "out" else self.aux_weights[key]) * self.criterion(logits.float(), targets, units)
+            for key, logits in outputs.items()
+        )
+
+    def start_epoch(self, epoch: int, model: nn.Module, train_set: Any) -> None:
+        """ScribbleSup: at the first epoch of each round, propagate the scribbles anew."""
+        if self.opts["method"] != "scribblesup":
+            return
+        if self.round_seconds is None:
+            round_ = (epoch - 1) // self.round_epochs + 1
+        else:
+            round_ = int((time.monotonic() - self.started) // self.round_seconds) + 1
+        round_ = min(round_, self.opts["rounds"])
+        if round_ != self.round:  # also after --resume mid-round: propagate with the current network
+            self.propagate(round_, model, train_set, epoch)
+
+    @torch.no_grad()
+    def propagate(self, round_: int, model: nn.Module, train_set: ScribbleDataset, epoch: int = 1) -> dict[str, Any]:
+        """Propagated labels of every training image for ``round_`` (stored on ``train_set.labels``)."""
+        from pixelwise.weak import build_superpixel_graph, propagate_labels  # the weak extra
+
+        o, k, ignore = self.opts, train_set.num_classes, train_set.ignore_index
+        to_tensor = eval_transform(mean=self.mean, std=self.std)
+        was_training = model.training
+        model.eval()
+        labels, marked, pixels = [], 0, 0
+        score = ConfusionMatrix(k, ignore)
+        for i in range(len(train_set)):
+            image, scribbles = train_set.read_pair(i)
+            if i not in self.graphs:
+                self.graphs[i] = build_superpixel_graph(image, o["superpixel_size"])
+            prob = None
+            if round_ > 1:
+                x = to_tensor(image, scribbles)[0][None].to(self.device)
+                prob = predict(model, x, scales=self.scales)[0].float().cpu().numpy()
+            y = propagate_labels(self.graphs[i], scribbles, k, ignore, prob=prob, pairwise_weight=o["pairwise_weight"])
+            labels.append(y.astype(np.uint8))
+            marked += int((scribbles != ignore).sum())
+            pixels += scribbles.size
+            truth = train_set.true_mask(i)
+            if truth is not None:
+                score.update(torch.from_numpy(y)[None], torch.from_numpy(truth)[None])
+        model.train(was_training)
+        train_set.labels, self.round = labels, round_
+        record: dict[str, Any] = {"round": round_, "epoch": epoch, "images": len(labels),
+                                  "labelled_fraction": marked / max(pixels, 1)}
+        if train_set.dense is not None:
+            m = score.compute()
+            record.update({"mean_iou": m["mean_iou"], "pixel_accuracy": m["pixel_accuracy"]})
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            self._write_round(round_, labels, train_set, record)
+        return record
+
+    def _write_round(self, round_: int, labels: list[np.ndarray], train_set: ScribbleDataset, record: dict[str, Any]) -> None:
+        """Labels of every image into ``propagation/roundR/``; the first 4 images' scribbles into
+        ``propagation/scribbles/`` and their paths into the record, for the report's overlays."""
+        folder, scribble_dir = self.run_dir / PROPAGATION / f"round{round_}", self.run_dir / PROPAGATION / "scribbles"
+        folder.mkdir(parents=True, exist_ok=True)
+        scribble_dir.mkdir(parents=True, exist_ok=True)
+        shown = []
+        for i, ((image_path, _), y) in enumerate(zip(train_set.files, labels)):
+            stem = Path(image_path).stem
+            write_mask(folder / f"{stem}.png", y, train_set.palette)
+            if i < 4:
+                scribbles = train_set.read_pair(i)[1].astype(np.uint8)
+                write_mask(scribble_dir / f"{stem}.png", scribbles, train_set.palette)
+                shown.append({"image": str(image_path), "scribbles": str(scribble_dir / f"{stem}.png"),
+                              "labels": str(folder / f"{stem}.png")})
+        record["shown"] = shown
+        rounds = [r for r in propagation_rounds(self.run_dir) if r["round"] != round_] + [record]
+        atomic_write_text(self.run_dir / f"{PROPAGATION}.json", json.dumps(sorted(rounds, key=lambda r: r["round"]), indent=2))
+
+    def write_report(self, out: str | Path, result: Any, dataset: Any) -> dict[str, Any]:
+        """The semantic report, plus ``propagation`` (one record per round) and ``propagation_roundR.png``
+        (image | scribbles | propagated labels of the first 4 training images) when the run propagated."""
+        from pixelwise.report import save_overlay_grid, write_metrics_json
+
+        metrics = super().write_report(out, result, dataset)
+        rounds = propagation_rounds(out)
+        if not rounds:
+            return metrics
+        for record in rounds:
+            shown = [s for s in record.get("shown", []) if all(Path(s[k]).is_file() for k in ("image", "scribbles", "labels"))]
+            if shown:
+                save_overlay_grid(
+                    Path(out) / f"{PROPAGATION}_round{record['round']}.png", [read_image(s["image"]) for s in shown],
+                    [read_mask(s["scribbles"]) for s in shown], [read_mask(s["labels"]) for s in shown], dataset.palette,
+                )
+        metrics = {**metrics, PROPAGATION: [{k: v for k, v in r.items() if k != "shown"} for r in rounds]}
+        write_metrics_json(Path(out) / "metrics.json", metrics)
+        return metrics
