@@ -43,15 +43,30 @@ def test_train_writes_the_run_report(trained) -> None:
     assert Image.open(run / "history.png").size[0] > 100
 
 
-def test_eval_reproduces_the_training_report(trained, tmp_path) -> None:
+def test_eval_matches_a_confusion_matrix_counted_by_hand(trained, tmp_path) -> None:
+    import torch
+
+    from pixelwise.models import load_model
+
     data, run = trained
     result = runner.invoke(app, ["eval", "--model", str(run / "model_best.safetensors"), "--data", str(data),
                                  "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "mean" in result.output  # the per-class table
-    again = json.loads((tmp_path / "metrics.json").read_text())
-    first = json.loads((run / "metrics.json").read_text())
-    assert again["mean_iou"] == pytest.approx(first["mean_iou"], abs=1e-9)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    net, _ = load_model(run / "model_best.safetensors")  # trained without mean/std: pixels / 255
+    confusion = np.zeros((4, 4), np.int64)
+    for path in sorted((data / "val" / "images").glob("*.png")):
+        x = torch.from_numpy(np.asarray(Image.open(path), np.float32) / 255).permute(2, 0, 1)[None]
+        mask = np.asarray(Image.open(data / "val" / "masks" / path.name))
+        with torch.no_grad():
+            pred = net.eval()(x).argmax(1)[0].numpy()
+        keep = mask != 255
+        np.add.at(confusion, (mask[keep], pred[keep]), 1)
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    iou = np.diag(confusion)[union > 0] / union[union > 0]
+    assert metrics["mean_iou"] == pytest.approx(iou.mean(), abs=1e-9)
+    assert metrics["pixel_accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum(), abs=1e-9)
 
 
 def test_predict_writes_labels_colour_and_overlay_and_onnx_agrees(trained, tmp_path) -> None:

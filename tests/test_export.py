@@ -361,3 +361,19 @@ def test_export_refuses_a_volume_model_with_a_clear_error(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="ONNX export takes 2D models .* unet3d is 3D"):
         export_onnx(model, tmp_path / "m.onnx", height=16, width=16)
     assert not list(tmp_path.iterdir())
+
+
+def test_compile_runtime_matches_eval() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1)).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    image = torch.randn(2, 3, 20, 28, generator=torch.Generator().manual_seed(1))
+    predictor = prepare_for_cpu(model, "compile")
+    assert predictor.compiled and count_bn(predictor.model) == 0
+    try:
+        got = predictor(image)
+    except torch._dynamo.exc.BackendCompilerFailed as err:  # inductor needs a C++ compiler
+        pytest.skip(f"torch.compile is unavailable here: {err}")
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(image), atol=1e-5, rtol=1e-5)

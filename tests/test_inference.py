@@ -216,7 +216,7 @@ class Spatial(nn.Module):
 
 @pytest.mark.parametrize(("shape", "tile", "overlap", "blend"), [((3, 70, 45), 16, 0.5, "gaussian"),
                                                                   ((3, 33, 70), (12, 20), 0.25, "constant"),
-                                                                  ((3, 9, 11), 16, 0.25, "gaussian")])
+                                                                  ((3, 9, 11), (6, 16), 0.25, "gaussian")])
 def test_labels_equal_argmax_of_sliding_window(shape, tile, overlap, blend):
     model = Spatial().eval()
     image = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
@@ -236,8 +236,8 @@ def test_labels_strip_buffer_does_not_grow_with_image_height(monkeypatch):
             super().__init__(*args)
             buffers.append(self)
 
-        def pop(self, rows):
-            done = super().pop(rows)
+        def blend(self, rows):
+            done = super().blend(rows)
             popped.append(done.shape[2])
             return done
 
@@ -311,28 +311,80 @@ def test_multiscale_equals_manual_resize_predict_resize():
     torch.testing.assert_close(predict_tta(model, image, scales=(1.0, 0.5, 1.5)), expected, atol=1e-6, rtol=0)
 
 
+def manual_tta(model, x, scales, flip):
+    """Mean over scales (and the horizontal flip) of resize -> softmax(model) -> resize back, written out."""
+    maps = []
+    for scale in scales:
+        size = (round(x.shape[-2] * scale), round(x.shape[-1] * scale))
+        small = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if scale != 1.0 else x
+        for flipped in (False, True) if flip else (False,):
+            probs = model(small.flip(-1) if flipped else small).softmax(1)
+            probs = probs.flip(-1) if flipped else probs
+            maps.append(F.interpolate(probs, size=x.shape[-2:], mode="bilinear", align_corners=False))
+    return sum(maps) / len(maps)
+
+
+def tiled_reference(model, image, tile, ys, xs, scales, flip, weight):
+    """Brute force: every window (hand-listed starts) through manual_tta, weighted sum / weight sum."""
+    total = torch.zeros(image.shape[0], 3, *image.shape[-2:], dtype=torch.float64)
+    count = torch.zeros(image.shape[-2:], dtype=torch.float64)
+    for y in ys:
+        for x in xs:
+            window = image[..., y : y + tile, x : x + tile]
+            total[..., y : y + tile, x : x + tile] += manual_tta(model, window, scales, flip) * weight
+            count[y : y + tile, x : x + tile] += weight
+    return (total / count).float()
+
+
+def test_tta_is_applied_to_every_tile():
+    image = torch.randn(1, 3, 16, 24, generator=torch.Generator().manual_seed(10))
+    model = LeftRight()  # not flip-equivariant: the flip matters
+    tiled = predict_tta(model, image, scales=(1.0, 0.75), flip=True, tile=8, overlap=0.5, batch=2, blend="constant")
+    expected = tiled_reference(model, image, 8, [0, 4, 8], [0, 4, 8, 12, 16], (1.0, 0.75), True, torch.ones(8, 8))
+    torch.testing.assert_close(tiled, expected, atol=1e-6, rtol=0)
+    # a tile covering the image is whole-image TTA
+    torch.testing.assert_close(predict_tta(model, image, scales=(1.0, 0.75), flip=True, tile=(16, 24)),
+                               manual_tta(model, image, (1.0, 0.75), True), atol=1e-6, rtol=0)
+
+
 def test_tta_with_tiles_and_valid_model():
-    image = torch.randn(1, 3, 30, 26, generator=torch.Generator().manual_seed(10))
-    model = Pointwise()
-    whole = predict_tta(model, image, scales=(1.0, 0.75), flip=True)
-    tiled = predict_tta(model, image, scales=(1.0, 0.75), flip=True, tile=8, overlap=0.5, batch=2)
-    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
-    valid, grey = ValidCorners(3), image[:, :1]
-    reference = valid_reference(grey, 3, "reflect")
-    torch.testing.assert_close(predict_tta(valid, grey), reference, atol=1e-5, rtol=0)  # forward
-    torch.testing.assert_close(predict_tta(valid, grey, tile=12), reference, atol=1e-5, rtol=0)  # forward_valid
+    image = torch.randn(1, 1, 30, 26, generator=torch.Generator().manual_seed(10))
+    valid = ValidCorners(3)
+    reference = valid_reference(image, 3, "reflect")
+    torch.testing.assert_close(predict_tta(valid, image), reference, atol=1e-5, rtol=0)  # forward
+    torch.testing.assert_close(predict_tta(valid, image, tile=12), reference, atol=1e-5, rtol=0)  # forward_valid
+    with pytest.raises(ValueError, match="same-size model"):
+        predict_tta(valid, image, scales=(1.0, 0.5), tile=12)
+
+
+def test_tile_larger_than_the_image_is_clamped_to_it():
+    sizes = []
+
+    def recording(x):
+        sizes.append(tuple(x.shape[-2:]))
+        return mult_two(x)
+
+    image = torch.randn(1, 3, 64, 40, generator=torch.Generator().manual_seed(12))
+    probs = sliding_window(recording, image, tile=4096)
+    assert sizes == [(64, 40)]  # one window, the image itself: no 4096 x 4096 padding
+    torch.testing.assert_close(probs, (2 * image).softmax(1), atol=1e-6, rtol=0)
+    sizes.clear()
+    sliding_window_labels(recording, image[0], tile=(32, 4096), overlap=0.5)
+    assert sorted(set(sizes)) == [(32, 40)]
 
 
 def test_predict_picks_the_path():
     image = torch.randn(1, 3, 19, 24, generator=torch.Generator().manual_seed(11))
-    model = Spatial()
+    model = LeftRight()
     with torch.no_grad():
         whole = model(image).softmax(1)
     plain = inference.predict(model, image)
     torch.testing.assert_close(plain, whole, atol=1e-6, rtol=0)
     assert not plain.is_inference()
     tiled = inference.predict(model, image, tile=10, overlap=0.5, batch=3, scales=(1.0, 0.5), flip=True)
-    expected = predict_tta(model, image, scales=(1.0, 0.5), flip=True, tile=10, overlap=0.5)
+    gaussian = torch.exp(-((torch.arange(10.0, dtype=torch.float64) - 4.5) ** 2) / (2 * 1.25**2))
+    weight = (gaussian[:, None] * gaussian).clamp(min=1e-3)  # importance map: sigma = 0.125 * 10, peak 1
+    expected = tiled_reference(model, image, 10, [0, 5, 9], [0, 5, 10, 14], (1.0, 0.5), True, weight)
     torch.testing.assert_close(tiled, expected, atol=1e-6, rtol=0)
     assert (tiled - whole).abs().max() > 1e-3
 
@@ -383,3 +435,97 @@ def test_wrong_shapes_raise_clear_errors():
         sliding_window(lambda x: x[..., ::2, ::2], torch.randn(1, 3, 20, 20), tile=8, batch=1)
     with pytest.raises(ValueError, match="must exceed 2 \\* valid_margin = 8"):
         sliding_window(ValidCorners(4), torch.randn(1, 3, 20, 20), tile=8)
+
+
+# ---------------------------------------------------------------------------------------
+# Files in, files out: the CLI's predict path in bounded memory
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def saved_model(tmp_path):
+    from PIL import Image
+
+    from pixelwise.models import create_model, save_model
+
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=6, base_channels=4, depth=2).eval()
+    palette = [(40 * k, 255 - 40 * k, 7 * k) for k in range(6)]
+    path = save_model(model, tmp_path / "model", {"palette": palette, "mean": [0.5] * 3, "std": [0.25] * 3})
+    rng = np.random.default_rng(0)
+    image = tmp_path / "big.png"
+    Image.fromarray(rng.integers(0, 256, (96, 64, 3), dtype=np.uint8)).save(image)
+    return path, image
+
+
+def test_predict_files_with_tile_never_holds_k_by_h_by_w(saved_model, tmp_path, monkeypatch):
+    from pixelwise import export
+    from pixelwise.io import read_image, read_mask
+
+    path, image = saved_model
+    buffers, outputs = [], []
+
+    class Recording(inference._StripAccumulator):
+        def __init__(self, *args):
+            super().__init__(*args)
+            buffers.append(tuple(self.probs.shape))
+
+    def no_full_probabilities(*args, **kwargs):
+        raise AssertionError("predict_files with a tile must not build (N, K, H, W) probabilities")
+
+    real_prepare = export.prepare_for_cpu
+
+    def recording_prepare(*args, **kwargs):
+        predictor = real_prepare(*args, **kwargs)
+
+        def run(x):
+            logits = predictor(x)
+            outputs.append(tuple(logits.shape))
+            return logits
+
+        return run
+
+    monkeypatch.setattr(inference, "_StripAccumulator", Recording)
+    monkeypatch.setattr(inference, "predict", no_full_probabilities)
+    monkeypatch.setattr(inference, "sliding_window", no_full_probabilities)
+    monkeypatch.setattr(export, "prepare_for_cpu", recording_prepare)
+    inference.predict_files([image], path, tmp_path / "out", tile=16, scales=(1.0, 0.5), flip=True)
+    assert buffers == [(1, 6, 16, 64)]  # one K x tile x W strip for a 96-row image
+    assert {shape[1:] for shape in outputs} == {(6, 16, 16), (6, 8, 8)}  # tiles and their 0.5x copies only
+    assert len(outputs) == 2 * 2 * len(window_starts(96, 16, 12)) * len(window_starts(64, 16, 12))
+    # independently: the whole-probability path of the same predictor, argmax
+    monkeypatch.undo()
+    from pixelwise.models import load_model
+
+    net, _ = load_model(path)
+    x = (torch.from_numpy(read_image(image)).float().permute(2, 0, 1) / 255 - 0.5) / 0.25
+    predictor = export.prepare_for_cpu(net.eval(), "torch")
+    expected = sliding_window(predictor, x[None], tile=16, scales=(1.0, 0.5), flip=True)[0].argmax(0)
+    assert np.array_equal(read_mask(tmp_path / "out" / "big_labels.png"), expected.numpy())
+
+
+def test_crf_on_an_image_too_big_for_memory_says_what_it_needs(saved_model, tmp_path, monkeypatch):
+    path, image = saved_model
+    pages = {"SC_AVPHYS_PAGES": 10, "SC_PAGE_SIZE": 4096}  # 40 KiB free; 96 * 64 px * (550 + 80 * 6) B = 6 MiB
+    monkeypatch.setattr(inference.os, "sysconf", lambda name: pages[name])
+    with pytest.raises(ValueError, match=r"--crf on .*big.png \(96 x 64, 6 classes\) needs about 6 MiB"):
+        inference.predict_files([image], path, tmp_path / "out", tile=16, crf="deeplab_v2")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_fixed_size_predictor_runs_smaller_tiles_padded_and_refuses_larger():
+    sizes = []
+
+    def graph(x):  # like an exported ONNX file: one input size only
+        assert tuple(x.shape[-2:]) == (16, 16)
+        sizes.append(tuple(x.shape))
+        return 2.0 * x
+
+    fixed = inference._FixedSize(graph, (16, 16))
+    image = torch.randn(1, 3, 12, 20, generator=torch.Generator().manual_seed(13))
+    probs = sliding_window(fixed, image, tile=16, overlap=0.5, flip=True)  # tile clamped to 12 x 16
+    torch.testing.assert_close(probs, (2 * image).softmax(1), atol=1e-6, rtol=0)  # pointwise: padding is invisible
+    sliding_window(fixed, image, tile=16, overlap=0.5, scales=(0.5,))  # 6 x 8 tiles, padded too
+    assert len(sizes) == 2 * 2 + 2  # 2 windows (x = 0, 4; step 8), flipped too; then 2 at scale 0.5
+    with pytest.raises(ValueError, match="runs 16x16 inputs, got 24x24"):
+        fixed(torch.zeros(1, 3, 24, 24))

@@ -295,27 +295,29 @@ def test_enet_weights_formula() -> None:
         enet_weights(counts, c=1.0)
 
 
-SEGNET_WEIGHTS = {
-    "Sky": 0.2595, "Building": 0.1826, "Pole": 4.5640, "Road": 0.1417, "Sidewalk": 0.9051, "Tree": 0.3826,
-    "SignSymbol": 9.6446, "Fence": 1.8418, "Car": 0.6823, "Pedestrian": 6.2478, "Bicyclist": 7.3614,
-}  # fmt: skip
-
-
 @pytest.mark.skipif(not (DATA / "camvid" / "trainannot").is_dir(), reason="CamVid not found in ../shared/data")
-def test_median_frequency_weights_on_camvid_are_close_to_segnet() -> None:
+def test_median_frequency_weights_on_camvid_follow_the_definition() -> None:
+    """Eigen & Fergus (2015) as SegNet states it: freq(c) = pixels of c / pixels of the images where c occurs,
+    weight(c) = median(freq) / freq(c); counted here with numpy alone over the 367 training label maps.
+
+    SegNet's published table (../shared/data/README.md) does not follow from the released
+    label maps under this or the nearby definitions we tried (unlabelled pixels excluded from the totals, or
+    global frequencies): ours are 0.2793 ... 8.8587, within 2-20 % of the table for ten classes, while
+    SignSymbol comes out 3.85 against 9.64. So the test pins the definition, not the table.
+    """
     from PIL import Image
 
     files = sorted((DATA / "camvid" / "trainannot").glob("*.png"))
-    counts, totals = class_pixel_counts((np.asarray(Image.open(f)) for f in files), num_classes=11, ignore_index=11)
-    ours = median_frequency_weights(counts, totals).numpy()
-    ref = np.array(list(SEGNET_WEIGHTS.values()))
-    ratio = dict(zip(SEGNET_WEIGHTS, ours / ref))
-    # SegNet's published weights are not reproducible exactly from the released label maps:
-    # ten classes agree within 21 %, SignSymbol comes out 2.6x lower (3.85 vs 9.64).
-    sign = ratio.pop("SignSymbol")
-    assert all(abs(r - 1) < 0.25 for r in ratio.values()), ratio
-    assert 1 / 3 < sign < 1
-    assert np.argsort(np.delete(ours, 6)).tolist() == np.argsort(np.delete(ref, 6)).tolist()
+    masks = [np.asarray(Image.open(f)) for f in files]
+    counts, totals = np.zeros(11), np.zeros(11)
+    for mask in masks:
+        pixels = np.bincount(mask.ravel(), minlength=12)[:11]
+        counts += pixels
+        totals[pixels > 0] += mask.size
+    freq = counts / totals
+    expected = np.median(freq) / freq
+    ours = median_frequency_weights(*class_pixel_counts(iter(masks), num_classes=11, ignore_index=11)).numpy()
+    assert ours == pytest.approx(expected, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- U-Net weight map

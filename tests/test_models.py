@@ -68,3 +68,27 @@ def test_config_records_every_option_so_checkpoints_survive_default_changes(tmp_
     assert again.config == model.config
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], value)
+
+
+def test_save_model_load_model_round_trip(tmp_path) -> None:
+    from pixelwise.models import load_model, save_model
+
+    name, options = "unet", {"base_channels": 4, "depth": 2}
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5, in_channels=2, **options)
+    for module in model.modules():  # non-default BN statistics must survive too
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.num_batches_tracked.fill_(7)
+    extra = {"class_names": list("abcde"), "mean": [0.25, 0.5], "palette": [[1, 2, 3]] * 5}
+    path = save_model(model, tmp_path / "run" / "model_best", extra)
+    assert path == tmp_path / "run" / "model_best.safetensors" and path.with_suffix(".json").is_file()
+    loaded, loaded_extra = load_model(path)
+    assert loaded_extra == extra and type(loaded) is type(model)
+    assert loaded.config == model.config and {"num_classes": 5, "in_channels": 2, **options}.items() <= loaded.config.items()
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(1, 2, 33, 47)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded.eval()(x))

@@ -111,12 +111,33 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_data, tmp_path) -> None
         train(_config(tiny_data, tmp_path / "fresh"), resume=True, progress=False)
 
 
-def test_ddp_with_two_gloo_processes(tiny_data, tmp_path) -> None:
+DDP_CHILD = """
+import os, sys
+from safetensors.torch import save_file
+import pixelwise.training as training
+from pixelwise.cli import app
+
+real_epoch = training._train_one_epoch
+
+def epoch(task, module, *args, **kwargs):  # keep this rank's parameters after every epoch
+    loss = real_epoch(task, module, *args, **kwargs)
+    params = {name.removeprefix("module."): p.detach().clone() for name, p in module.named_parameters()}
+    save_file(params, os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".safetensors"))
+    return loss
+
+training._train_one_epoch = epoch
+app(["train", *sys.argv[2:]], standalone_mode=False)
+"""
+
+
+def test_ddp_with_two_gloo_processes_keeps_the_ranks_in_step(tiny_data, tmp_path) -> None:
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pixelwise.cli",
-           "train", f"data={tiny_data}", f"out={out}", "model=unet", "model_args={base_channels: 4, depth: 2}",
-           "epochs=2", "batch_size=2", "threads=1"]
+    script = tmp_path / "child.py"
+    script.write_text(DDP_CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path),
+           f"data={tiny_data}", f"out={out}", "model=unet", "model_args={base_channels: 4, depth: 2}", "epochs=2",
+           "batch_size=2", "threads=1", "lr=0.05"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
@@ -125,6 +146,12 @@ def test_ddp_with_two_gloo_processes(tiny_data, tmp_path) -> None:
     assert meta["world_size"] == 2
     assert meta["scheduler"]["last_epoch"] == 4
     assert (out / "metrics.json").is_file()
+    # each rank saw other images; only averaged gradients keep their parameters identical
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    last = load_file(out / "model_last.safetensors")  # what rank 0 saved is what the ranks trained
+    assert all(torch.equal(v, last[k.removeprefix("model.")]) for k, v in rank0.items())
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)

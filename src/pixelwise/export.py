@@ -632,6 +632,7 @@ def prepare_for_cpu(
     tile: int | tuple[int, int] | None = None,
     onnx_path: str | Path | None = None,
     threads: int | None = None,
+    memory_arena: bool = True,
 ) -> Predictor:
     """A fast CPU predictor ``(N, C, h, w) -> (N, K, h, w)`` for ``model`` (``predict --runtime``).
 
@@ -654,6 +655,7 @@ def prepare_for_cpu(
         onnx_path: where to keep the exported file (``"onnx"`` only).
         threads: CPU threads: ONNX Runtime intra-op threads, or for the torch runtimes
             ``torch.set_num_threads`` (process-wide). ``None`` keeps the default.
+        memory_arena: ONNX Runtime's CPU memory arena (``"onnx"`` only; see :class:`OnnxPredictor`).
     """
     if runtime not in ("torch", "compile", "onnx"):
         raise ValueError(f"runtime must be 'torch', 'compile' or 'onnx', got {runtime!r}")
@@ -671,7 +673,8 @@ def prepare_for_cpu(
         raise ValueError(f"runtime='onnx' needs tile=(height, width) to export for, got tile={tile!r}")
     height, width = (_positive_int("tile", t) for t in tile)
     if onnx_path is not None:
-        return OnnxPredictor(export_onnx(model, onnx_path, height=height, width=width), threads)
+        return OnnxPredictor(export_onnx(model, onnx_path, height=height, width=width), threads, memory_arena)
     with tempfile.TemporaryDirectory(prefix="pixelwise-onnx-") as tmp:
         # The session holds the whole graph in memory, so the file can go right after loading.
-        return OnnxPredictor(export_onnx(model, Path(tmp) / "model.onnx", height=height, width=width), threads)
+        path = export_onnx(model, Path(tmp) / "model.onnx", height=height, width=width)
+        return OnnxPredictor(path, threads, memory_arena)

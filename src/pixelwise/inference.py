@@ -36,12 +36,12 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from pixelwise.models.layers import reflect_index, resize_to
+from pixelwise.models.layers import mirror_pad, reflect_index, resize_to
 
 if TYPE_CHECKING:
     from pixelwise.data.transforms import ToTensor
@@ -171,16 +171,20 @@ class _StripAccumulator:
         """Add one output tile's probabilities (K, *tile) of image ``n`` at core ``corner``, weighted."""
         self.probs[(n, slice(None), *self._window(corner))] += probs * self.tile_weight
 
-    def pop(self, rows: int) -> torch.Tensor:
-        """Return the blended first ``rows`` rows (N, K, rows, *rest) and slide the buffer on by ``rows``."""
-        done = self.probs[:, :, :rows] / self.weight[:rows]
-        keep = self.probs.shape[2] - rows
-        self.probs[:, :, :keep] = self.probs[:, :, rows:].clone()
-        self.probs[:, :, keep:] = 0
-        self.weight[:keep] = self.weight[rows:].clone()
-        self.weight[keep:] = 0
-        self.top += rows
+    def blend(self, rows: int) -> torch.Tensor:
+        """Divide the first ``rows`` rows by their weight, in place; returns them (N, K, rows, *rest), a view."""
+        done = self.probs[:, :, :rows]
+        done /= self.weight[:rows]
         return done
+
+    def slide(self, rows: int) -> None:
+        """Drop the first ``rows`` rows and move the rest up (no copy of the whole buffer unless they overlap)."""
+        keep = self.weight.shape[0] - rows
+        for buffer, axis in ((self.probs, 2), (self.weight, 0)):
+            rest = buffer.narrow(axis, rows, keep)
+            buffer.narrow(axis, 0, keep).copy_(rest.clone() if keep > rows else rest)
+            buffer.narrow(axis, keep, rows).zero_()
+        self.top += rows
 
 
 _AXES = {2: "(height, width)", 3: "(depth, height, width)"}
@@ -269,6 +273,45 @@ def _probabilities(logits: torch.Tensor) -> torch.Tensor:
     return logits.sigmoid() if logits.shape[1] == 1 else logits.softmax(1)
 
 
+def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    scales = tuple(scales)
+    if not scales or not all(
+        isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in scales
+    ):
+        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}.")
+    return scales
+
+
+def _augmented_probs(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    margins: tuple[int, ...],
+    who: str,
+    scales: tuple[float, ...],
+    flip: bool,
+) -> torch.Tensor:
+    """Probabilities of (B, C, *s) inputs averaged over test-time augmentations: (B, K, *(s - 2m)).
+
+    For each scale the input is resized (bilinear, trilinear for volumes) to ``round(s * scale)``,
+    run, and its probabilities resized back; with ``flip`` the input flipped along its last
+    axis is run too and its probabilities flipped back. The mean of ``len(scales) * (1 + flip)``
+    maps. ``margins`` are the pixels a valid-convolution ``run`` loses per side (0: same size).
+    """
+    size = tuple(side - 2 * m for side, m in zip(x.shape[2:], margins))
+    total: torch.Tensor | None = None
+    for scale in scales:
+        scaled = resize_to(x, tuple(max(1, round(side * scale)) for side in x.shape[2:]))
+        for flipped in (False, True) if flip else (False,):
+            inputs = scaled.flip(-1) if flipped else scaled
+            with torch.inference_mode():
+                logits = run(inputs)
+            expected = tuple(side - 2 * m for side, m in zip(inputs.shape[2:], margins))
+            probs = _probabilities(_checked(logits, inputs, expected, who))
+            probs = resize_to(probs.flip(-1) if flipped else probs, size)
+            total = probs if total is None else total + probs
+    return total / (len(scales) * (2 if flip else 1))
+
+
 def _finished_strips(
     model: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
@@ -278,22 +321,39 @@ def _finished_strips(
     blend: str,
     pad: str,
     sigma_scale: float,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Run the model tile by tile over (N, C, *S) and yield ``(row, probs (N, K, rows, *S[1:]))`` along S[0].
 
     The one implementation of tiling and blending, for images (S = H, W) and volumes
     (S = D, H, W). One slab of windows (same start along the first axis) is run at a time;
     positions no later window touches are divided by their accumulated weight, cropped to the
-    image and yielded, so only an ``out``-deep slab buffer is ever held.
+    image and yielded, so only an ``out``-deep slab buffer is ever held. The yielded
+    probabilities are a view into that buffer, valid until the next iteration.
+    Test-time augmentation (``scales``, ``flip``) is applied to each batch of tiles, so it
+    costs no memory beyond that batch. A same-size model's tile is clamped to the image: a
+    larger tile would only run the model over padding. ``transform`` maps each gathered
+    input slab (N, C, tile_0, *S[1:] padded) to the model's float input before padding values
+    are zeroed, so the image itself may be held compactly (e.g. uint8).
     """
     _check_options(overlap, batch, blend, pad, sigma_scale)
+    scales = _check_scales(scales)
     dims = _spatial_dims(model, tile)
-    if image.ndim != 2 + dims or not image.is_floating_point():
+    if image.ndim != 2 + dims or not (image.is_floating_point() or transform is not None):
         raise ValueError(f"image must be a float tensor (N, C, {_SHAPES[dims]}), got {tuple(image.shape)} {image.dtype}.")
     margins = _valid_margins(model, dims)
     sides = _validated_tile(tile, margins or (0,) * dims)
     run, run_name = (model.forward_valid, "forward_valid") if margins is not None else (model, "the model")
     n_img, spatial = image.shape[0], image.shape[2:]
+    if margins is None:
+        sides = tuple(min(t, size) for t, size in zip(sides, spatial))
+    elif scales != (1.0,):
+        raise ValueError(
+            f"scales={scales} with tiles needs a same-size model: a valid-convolution model's output tile "
+            "does not scale with its input; use scales=(1.0,) or tile=None (whole image)."
+        )
     axes = [_Axis.plan(size, t, m, overlap) for size, t, m in zip(spatial, sides, margins or (0,) * dims)]
     first, rest = axes[0], axes[1:]
     weight = importance_map_nd([a.out for a in axes], blend, sigma_scale, image.device)
@@ -306,6 +366,8 @@ def _finished_strips(
         slab = image.index_select(2, rows)
         for axis, (index, _) in enumerate(sources, start=3):
             slab = slab.index_select(axis, index)
+        if transform is not None:
+            slab = transform(slab)
         if row_inside is not None:
             inside = row_inside
             for _, mask in sources:
@@ -317,9 +379,7 @@ def _finished_strips(
             tiles = torch.stack(
                 [slab[(n, slice(None), slice(None), *(slice(x, x + t) for x, t in zip(c, sides[1:])))] for n, c in chunk]
             )
-            with torch.inference_mode():
-                logits = run(tiles)
-            probs = _probabilities(_checked(logits, tiles, tuple(a.out for a in axes), run_name))
+            probs = _augmented_probs(run, tiles, margins or (0,) * dims, run_name, scales, flip)
             if acc is None:
                 dtype = torch.promote_types(probs.dtype, torch.float32)
                 acc = _StripAccumulator(n_img, probs.shape[1], weight.to(dtype), [a.core for a in rest])
@@ -329,11 +389,12 @@ def _finished_strips(
             acc.add_window((y, *c))
         done_until = ys[r + 1] if r + 1 < len(ys) else first.core
         top = acc.top
-        blended = acc.pop(done_until - top)
+        blended = acc.blend(done_until - top)
         start, stop = max(top, first.lead), min(done_until, first.lead + spatial[0])
         if start < stop:
             crop = tuple(slice(a.lead, a.lead + a.size) for a in rest)
             yield start - first.lead, blended[(slice(None), slice(None), slice(start - top, stop - top), *crop)]
+        acc.slide(done_until - top)
 
 
 # ---------------------------------------------------------------------------------------
@@ -351,6 +412,8 @@ def sliding_window(
     blend: str = "gaussian",
     pad: str = "reflect",
     sigma_scale: float = 0.125,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
 ) -> torch.Tensor:
     """Probabilities (N, K, H, W) of a model run tile by tile over images of any size; volumes too.
 
@@ -360,9 +423,10 @@ def sliding_window(
 
     Windows advance by ``max(1, int(out * (1 - overlap)))`` where ``out`` is the model's
     output tile (``tile``, or ``tile - 2 * valid_margin``); the last one is snapped to the
-    border. An image smaller than the output tile is padded symmetrically up to it, and a
-    valid-convolution model's input is further padded by its margin. Overlapping tile
-    probabilities are averaged with the importance map's weights.
+    border. A same-size model's tile is clamped to the image (``tile=4096`` on a 64 x 64
+    image runs one 64 x 64 window). An image smaller than a valid-convolution model's
+    output tile is padded symmetrically up to it, and its input further by the margin.
+    Overlapping tile probabilities are averaged with the importance map's weights.
 
     Args:
         model: callable (B, C, h, w) -> (B, K, h, w) logits, or a valid-convolution model
@@ -380,6 +444,10 @@ def sliding_window(
         pad: ``"reflect"`` (default) mirrors the border (the U-Net overlap-tile strategy);
             ``"constant"`` pads with zeros.
         sigma_scale: Gaussian sigma as a fraction of the output tile side. Default 0.125.
+        scales: test-time augmentation per tile: each batch of tiles is resized by every
+            scale, run, and its probabilities resized back and averaged (same-size models
+            only). Default (1.0,).
+        flip: also average each tile's probabilities with those of its horizontal mirror.
 
     Returns:
         Probabilities (N, K, *spatial): softmax over K, or sigmoid when K == 1.
@@ -388,7 +456,8 @@ def sliding_window(
         >>> probs = sliding_window(model.eval(), image, tile=512, overlap=0.5)
     """
     out: torch.Tensor | None = None
-    for row, probs in _finished_strips(model, image, tile, overlap, batch, blend, pad, sigma_scale):
+    strips = _finished_strips(model, image, tile, overlap, batch, blend, pad, sigma_scale, scales, flip)
+    for row, probs in strips:
         if out is None:
             out = probs.new_empty(image.shape[0], probs.shape[1], *image.shape[2:])
         out[:, :, row : row + probs.shape[2]] = probs
@@ -405,24 +474,31 @@ def sliding_window_labels(
     blend: str = "gaussian",
     pad: str = "reflect",
     sigma_scale: float = 0.125,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Label map (H, W) of one image (C, H, W), or (D, H, W) of a volume (C, D, H, W), in bounded memory.
 
     Same tiling and blending as :func:`sliding_window` (one implementation); rows are
     argmaxed as soon as no later window touches them, so besides the input and the labels
     only a K x out_h x W probability strip, a C x tile_h x W input strip and one batch of
-    tiles are held: peak memory O((K + C) * tile_h * W), not O(K * H * W).
-    For a volume the strip is a slab of sections: O((K + C) * tile_d * H * W).
+    (augmented) tiles are held: peak memory O((K + C) * tile_h * W), not O(K * H * W), with
+    or without test-time augmentation. For a volume the strip is a slab of sections:
+    O((K + C) * tile_d * H * W).
     Labels are uint8 for K <= 256, int16 for K <= 32768, else int64; for a single-channel
     (sigmoid) model they are ``probability > 0.5`` as 0/1.
-    Arguments as in :func:`sliding_window` (a volume needs a 3-sided tile or a 3D model).
+    Arguments as in :func:`sliding_window` (a volume needs a 3-sided tile or a 3D model), and
+    ``transform``: a function applied to each gathered (1, C, tile_h, W') input strip, e.g. to
+    normalise a uint8 image strip by strip so that it is never held as a float image.
     """
     dims = _spatial_dims(model, tile)
     if image.ndim != 1 + dims:
         what = "image (C, H, W)" if dims == 2 else "volume (C, D, H, W)"
         raise ValueError(f"image must be one {what}, got shape {tuple(image.shape)}; use image[i].")
     labels: torch.Tensor | None = None
-    for row, probs in _finished_strips(model, image[None], tile, overlap, batch, blend, pad, sigma_scale):
+    strips = _finished_strips(model, image[None], tile, overlap, batch, blend, pad, sigma_scale, scales, flip, transform)
+    for row, probs in strips:
         k = probs.shape[1]
         if labels is None:
             dtype = torch.uint8 if k <= 256 else torch.int16 if k <= 32768 else torch.int64
@@ -443,43 +519,34 @@ def predict_tta(
 ) -> torch.Tensor:
     """Test-time augmentation: probabilities (N, K, H, W) averaged over scales and flips; volumes too.
 
-    For each scale the image is resized (bilinear; trilinear for a volume (N, C, D, H, W))
-    to ``round(H * s), round(W * s)``, run
-    through the model (whole image when ``tile`` is None, else :func:`sliding_window`),
-    and the probabilities are resized back to (H, W). With ``flip`` the horizontally
-    flipped image is run too and its probabilities flipped back. The result is the mean
-    of all ``len(scales) * (1 + flip)`` probability maps. ``predict_tta(model, image)``
-    is plain whole-image prediction.
+    Without ``tile`` the whole image is resized (bilinear; trilinear for a volume
+    (N, C, D, H, W)) to ``round(H * s), round(W * s)`` for each scale, run through one
+    ``model(x)`` call (the model's own forward, which must accept any size), and its
+    probabilities are resized back to (H, W); with ``flip`` the horizontally flipped image is
+    run too and its probabilities flipped back. The result is the mean of all
+    ``len(scales) * (1 + flip)`` probability maps. ``predict_tta(model, image)`` is plain
+    whole-image prediction.
+
+    With ``tile`` the same augmentation is applied to every tile of
+    :func:`sliding_window` before blending, so memory stays bounded by a strip of tiles.
 
     Args:
         model: as in :func:`sliding_window` (eval mode, on the image's device).
         image: (N, C, H, W) float tensor.
         scales: positive resize factors. Default (1.0,).
         flip: also average over the horizontal flip. Default False.
-        tile: sliding-window tile; None runs the whole (resized) image through one
-            ``model(x)`` call (the model's own forward, which must accept any size).
+        tile: sliding-window tile; None runs the whole image.
         **sliding_kwargs: ``overlap``, ``batch``, ``blend``, ``pad``, ``sigma_scale`` of
             :func:`sliding_window`; only with ``tile``.
     """
-    scales = tuple(scales)
-    if not scales or not all(
-        isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in scales
-    ):
-        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}.")
+    scales = _check_scales(scales)
     if tile is None and sliding_kwargs:
         raise ValueError(f"{sorted(sliding_kwargs)} only apply to sliding-window prediction; pass tile=... too.")
     if image.ndim not in (4, 5):
         raise ValueError(f"image must be (N, C, H, W) or a volume (N, C, D, H, W), got shape {tuple(image.shape)}.")
-    size = tuple(image.shape[2:])
-    total: torch.Tensor | None = None
-    for scale in scales:
-        scaled = resize_to(image, tuple(max(1, round(side * scale)) for side in size))
-        for flipped in (False, True) if flip else (False,):
-            x = scaled.flip(-1) if flipped else scaled
-            probs = _whole_image(model, x) if tile is None else sliding_window(model, x, tile, **sliding_kwargs)
-            probs = resize_to(probs.flip(-1) if flipped else probs, size)
-            total = probs if total is None else total + probs
-    return total / (len(scales) * (2 if flip else 1))
+    if tile is not None:
+        return sliding_window(model, image, tile, scales=scales, flip=flip, **sliding_kwargs)
+    return _augmented_probs(model, image, (0,) * (image.ndim - 2), "the model", scales, flip)
 
 
 def predict(
@@ -506,14 +573,6 @@ def predict(
     return predict_tta(model, image, scales=scales, flip=flip, tile=tile, overlap=overlap, batch=batch)
 
 
-@torch.no_grad()
-def _whole_image(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor) -> torch.Tensor:
-    """Probabilities of one ``model(image)`` call (its own forward: any size, valid models included)."""
-    with torch.inference_mode():
-        logits = model(image)
-    return _probabilities(_checked(logits, image, tuple(image.shape[2:]), "the model"))
-
-
 def _exported_predictor(
     path: Path, runtime: str, tile: int | None
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict, tuple[int, int]]:
@@ -528,7 +587,28 @@ def _exported_predictor(
         raise ValueError(f"{path} has a symbolic input size; export it for a fixed size with pixelwise export")
     if tile is not None and (tile, tile) != size:
         raise ValueError(f"{path} was exported for {size[0]}x{size[1]} tiles; drop --tile or export again at --tile {tile}")
-    return predictor, predictor.extra, size
+    return _FixedSize(predictor, size), predictor.extra, size
+
+
+class _FixedSize:
+    """Runs a fixed-size predictor (an exported ONNX graph) on inputs up to its size: a smaller
+    input (a tile clamped to a small image, a TTA scale below 1) is mirror-padded at the bottom
+    and right up to the size, and the output cropped back."""
+
+    def __init__(self, predictor: Callable[[torch.Tensor], torch.Tensor], size: tuple[int, int]) -> None:
+        self.predictor, self.size = predictor, size
+        self.in_channels = getattr(predictor, "in_channels", None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (h, w), (height, width) = x.shape[-2:], self.size
+        if h > height or w > width:
+            raise ValueError(f"this exported ONNX model runs {height}x{width} inputs, got {h}x{w}: TTA scales above 1 "
+                             "need the .safetensors model")
+        if (h, w) == (height, width):
+            return self.predictor(x)
+        return self.predictor(mirror_pad(x, 0, height - h, 0, width - w))[..., :h, :w]
+
+
 
 
 # ---------------------------------------------------------------------------------------
@@ -551,16 +631,24 @@ def segment_image(
     flip: bool = False,
     crf: str | None = None,
 ) -> torch.Tensor:
-    """Class ids (H, W) int64 of one (H, W, C) uint8/uint16 image, as ``pixelwise predict`` computes them.
+    """Class ids (H, W) of one (H, W, C) uint8/uint16 image, as ``pixelwise predict`` computes them.
 
     The image is scaled to [0, 1] and normalised with ``normalise`` (the model's mean/std),
     run through :func:`predict`, optionally refined by the dense CRF preset ``crf``
     (:func:`pixelwise.crf.dense_crf`), then argmaxed (a single-channel model: probability > 0.5).
+    With ``tile`` and no ``crf`` the labels come from :func:`sliding_window_labels` (uint8 for
+    up to 256 classes), normalising strip by strip: neither the float image nor its K x H x W
+    probabilities are ever held. Otherwise they are int64.
     """
     from pixelwise.data.transforms import to_float
 
+    if tile is not None and crf is None:
+        pixels = torch.from_numpy(raw if raw.dtype == np.uint8 else to_float(raw)).permute(2, 0, 1)  # (C, H, W)
+        return sliding_window_labels(predictor, pixels, tile, overlap=overlap, scales=scales, flip=flip,
+                                     transform=lambda strip: _normalised(strip, normalise))
     x = torch.from_numpy(normalise.normalise(to_float(raw)).transpose(2, 0, 1).copy())[None]
     probs = predict(predictor, x, tile=tile, overlap=overlap, scales=scales, flip=flip)[0]
+    del x
     if crf is not None:
         from pixelwise.crf import dense_crf
         from pixelwise.report import _as_rgb_uint8
@@ -624,10 +712,16 @@ def predict_files(
     For each ``NAME.ext`` writes into ``out``: ``NAME_labels.png`` (class ids, palette
     attached), ``NAME_colour.png`` (class colours) and ``NAME_overlay.png`` (colours
     over the image). ``runtime`` is ``"torch"``, ``"compile"`` or ``"onnx"``
-    (see :func:`pixelwise.export.prepare_for_cpu`; ONNX needs ``tile``, the exported size).
+    (see :func:`pixelwise.export.prepare_for_cpu`; ONNX needs ``tile`` and exports one
+    graph per tile size it meets: the tile, clamped tiles of smaller images, TTA scales).
     ``skip_existing`` leaves out images whose three files are all in ``out`` already (each
     is written atomically), so an interrupted batch resumes where it stopped. Spread a batch
     over processes with :func:`shard_images`.
+
+    With ``tile`` (and no ``crf``) labels come strip by strip (see :func:`segment_image`):
+    memory holds the image and its labels and one strip of tiles, never a K x H x W array,
+    TTA included. The dense CRF needs the whole K x H x W probabilities; it is refused,
+    saying what it needs, when that exceeds the memory available.
     """
     from PIL import Image
     from rich.progress import track
@@ -652,7 +746,10 @@ def predict_files(
         model, extra = load_model(model_path)
         model.eval()
         in_channels = model.config["in_channels"]
-        predictor = prepare_for_cpu(model, runtime, tile=tile)
+        if runtime == "onnx":  # one graph per input size; no arena, it would keep every size's peak (benchmarks/README.md)
+            predictor = _PerInputSize(lambda size: prepare_for_cpu(model, "onnx", tile=size, memory_arena=False))
+        else:
+            predictor = prepare_for_cpu(model, runtime)
     normalise = ToTensor(extra.get("mean"), extra.get("std"))
     palette = extra.get("palette") or [(0, 0, 0), (255, 255, 255)]
     written = []
@@ -662,12 +759,68 @@ def predict_files(
         raw = read_image(path)
         if raw.shape[-1] != in_channels:
             raise ValueError(f"image {path} has {raw.shape[-1]} channel(s) but the model takes {in_channels}")
+        if crf is not None:
+            _check_crf_memory(path, raw.shape[:2], len(palette))
         labels = segment_image(predictor, raw, normalise, tile=tile, overlap=overlap, scales=scales, flip=flip, crf=crf)
-        labels = labels.numpy().astype(np.uint8 if len(palette) <= 256 else np.int64)
+        labels = labels.numpy().astype(np.uint8 if len(palette) <= 256 else np.int64, copy=False)
         label_path = out / f"{path.stem}_labels.png"
         write_mask(label_path, labels, palette)
-        for suffix, rgb in (("colour", colorize(labels, palette)), ("overlay", overlay(raw, labels, palette))):
+        for suffix, paint in (("colour", lambda r: colorize(labels[r], palette)),
+                              ("overlay", lambda r: overlay(raw[r], labels[r], palette))):
+            rgb = np.empty((*labels.shape, 3), np.uint8)
+            for rows in _bands(labels.shape[0]):  # colorize/overlay make float64 copies: bound them
+                rgb[rows] = paint(rows)
             picture = Image.fromarray(rgb)
+            del rgb
             atomic_write(out / f"{path.stem}_{suffix}.png", lambda tmp, p=picture: p.save(tmp, format="PNG"))
+            del picture
         written.append(label_path)
     return written
+
+
+def _normalised(strip: torch.Tensor, normalise: Any) -> torch.Tensor:
+    """(N, C, h, w) strip of file pixels -> the model's float input, as the data pipeline makes it."""
+    from pixelwise.data.transforms import to_float
+
+    hwc = strip.permute(0, 2, 3, 1).numpy()
+    return torch.from_numpy(np.ascontiguousarray(normalise.normalise(to_float(hwc)))).permute(0, 3, 1, 2)
+
+
+def _bands(height: int, rows: int = 512) -> Iterator[slice]:
+    """Row slices of at most ``rows`` rows covering ``[0, height)``: per-band work keeps copies small."""
+    return (slice(top, min(top + rows, height)) for top in range(0, height, rows))
+
+
+class _PerInputSize:
+    """A predictor that builds (and keeps) one inner predictor per input (h, w): ONNX graphs have one fixed size."""
+
+    def __init__(self, build: Callable[[tuple[int, int]], Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        self.build = build
+        self.built: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        size = (x.shape[-2], x.shape[-1])
+        if size not in self.built:
+            self.built[size] = self.build(size)
+        return self.built[size](x)
+
+
+def _check_crf_memory(path: Path, size: tuple[int, int], num_classes: int) -> None:
+    """Refuse a dense CRF whose full-image arrays would not fit in the memory available now.
+
+    The CRF connects every pixel pair, so it needs the whole image at once: besides the
+    K x H x W probabilities, pydensecrf's permutohedral lattices and mean-field buffers grew
+    the peak RSS by about 550 bytes per pixel plus 80 per pixel and class (measured with the
+    deeplab_v2 preset on 512² and 1024² inputs, 2 and 21 classes: 2.1 GiB for 21 classes at 1024²).
+    """
+    need = size[0] * size[1] * (550 + 80 * max(num_classes, 2))
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no way to ask, let it run
+        return
+    if need > available:
+        raise ValueError(
+            f"--crf on {path} ({size[0]} x {size[1]}, {num_classes} classes) needs about {need / 2**20:,.0f} MiB "
+            f"(the dense CRF holds every pixel's K class probabilities at once); only {available / 2**20:,.0f} MiB "
+            "is available: drop --crf, or crop or downscale the image"
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -65,6 +66,18 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
         where = "is an existing file" if blocking == path else f"lies below the file {blocking}"
         raise ValueError(f"{given} {where}, not a folder; pick another output folder")
     return path
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the ``.NAME.<random>.tmp`` files and folders that :func:`atomic_write` and
+    :func:`make_temp_dir` left in ``folder`` when killed mid-write; returns them.
+
+    Only call it when no other writer is active in ``folder`` (e.g. when a run resumes).
+    """
+    stale = sorted(Path(folder).glob(".*.tmp"))
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

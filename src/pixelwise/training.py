@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pixelwise.config import check_field_types, load_yaml
-from pixelwise.io import atomic_write, atomic_write_text
+from pixelwise.io import atomic_write, atomic_write_text, remove_stale_temp_files
 from pixelwise.models import create_model, load_model, save_model
 from pixelwise.models.registry import spatial_dims
 from pixelwise.report import plot_history
@@ -50,8 +50,9 @@ class TrainConfig:
     (e.g. ``task=scribbles task_args.method=scribblesup task_args.rounds=3``).
     ``val_scales`` are the test-time scales of validation (e.g. ``[0.5]`` for a model
     trained on half-size crops); ``max_minutes`` fits the poly schedule after every epoch
-    so that training ends within the budget. ``val_fraction`` is the share of a plain
-    folder (images/ + masks/, no train/ and val/) held out for validation.
+    so that training ends within the budget (the epochs of a resumed run's earlier parts
+    count). ``val_fraction`` is the share of a plain folder (images/ + masks/, no train/
+    and val/) held out for validation.
     """
 
     data: str
@@ -104,6 +105,15 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accumulate", "val_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number >= 1")
+
+
+RESUME_MAY_CHANGE = ("epochs", "max_minutes", "out", "data", "val_split", "val_every", "val_scales", "workers", "threads")
+"""Config keys that may differ from the checkpoint's on ``--resume``: the run's length (the
+poly LR schedule is refit to a new ``epochs`` / ``max_minutes``), where the data lives (its
+classes and steps per epoch must not change) and how validation and workers run. Every
+other key shapes the weights' trajectory (model, task, optimiser and its LR, batches, loss,
+augmentation, seed), so a resumed run would match no unbroken run: those are refused, and
+a changed model, model_args or class list would not even load the checkpoint."""
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -188,6 +198,57 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"pixelwise": json.dumps(meta)}))
 
 
+def _read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["pixelwise"])
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise ValueError(f"cannot resume: {str(path)!r} is not a pixelwise checkpoint ({err}); train without --resume") from err
+
+
+def _check_resumable(path: Path, meta: dict[str, Any], cfg: TrainConfig, extra: dict[str, Any], steps_per_epoch: int) -> None:
+    """Refuse to resume when ``cfg`` differs from the checkpoint's config outside :data:`RESUME_MAY_CHANGE`,
+    when the data's classes changed, or when an epoch no longer has the same number of optimiser steps."""
+    saved, now = meta["config"], dataclasses.asdict(cfg)
+    differ = [f"{key}={saved[key]!r} in the checkpoint, {now[key]!r} now"
+              for key in now if key not in RESUME_MAY_CHANGE and key in saved and saved[key] != now[key]]
+    for key in ("class_names", "task"):
+        if key in meta.get("extra", {}) and meta["extra"][key] != extra.get(key):
+            differ.append(f"data {key} {meta['extra'][key]!r} in the checkpoint, {extra.get(key)!r} now")
+    saved_steps = meta["scheduler"]["last_epoch"] // max(meta["epoch"], 1)
+    if saved_steps != steps_per_epoch:
+        differ.append(f"{saved_steps} optimiser steps per epoch in the checkpoint, {steps_per_epoch} now "
+                      "(training samples, processes or batch size changed)")
+    if differ:
+        raise ValueError(
+            f"cannot resume from {str(path)!r}: {'; '.join(differ)}. Only {', '.join(RESUME_MAY_CHANGE)} may change "
+            "on resume; to train with other settings, start a new run (another out=)"
+        )
+
+
+def _refit_length(schedule: dict[str, int], saved: dict[str, Any], cfg: TrainConfig, steps_per_epoch: int, done: int,
+                  history: list[dict[str, Any]]) -> str | None:
+    """Refit the poly schedule when ``epochs`` or ``max_minutes`` changed on resume; returns what changed, or None.
+
+    The schedule is then ``epochs`` long (fitted to the time budget as after every epoch), so
+    the LR continues from the step reached along the new, longer or shorter, poly curve.
+    """
+    changes = [f"{key} {saved.get(key)} -> {getattr(cfg, key)}" for key in ("epochs", "max_minutes")
+               if saved.get(key) != getattr(cfg, key)]
+    if not changes:
+        return None
+    if cfg.epochs < done:
+        raise ValueError(f"epochs={cfg.epochs} but the checkpoint has already trained {done} epochs; "
+                         f"pass epochs > {done} to train longer")
+    schedule["total_steps"] = cfg.epochs * steps_per_epoch
+    if cfg.max_minutes is not None and done:
+        elapsed = sum(record["seconds"] for record in history)
+        _fit_time_budget(schedule, cfg, steps_per_epoch, done, elapsed / done, elapsed)
+    return f"{', '.join(changes)}, poly LR schedule refit to {schedule['total_steps'] // steps_per_epoch} epochs"
+
+
 def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from safetensors import safe_open
 
@@ -213,6 +274,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     With ``resume=True`` training continues from ``cfg.out/checkpoint.safetensors``
     exactly where the last finished epoch left it (weights, optimiser state, LR step; the
     data order and augmentation are seeded per epoch, so the run matches an unbroken one).
+    ``cfg`` may differ from the checkpoint's config only in :data:`RESUME_MAY_CHANGE`; a new
+    ``epochs`` or ``max_minutes`` refits the LR schedule to the new length.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -248,17 +311,34 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         return max(0.0, 1 - step / schedule["total_steps"]) ** cfg.poly_power
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+    extra = {**task.model_extra(train_set, cfg), "task": cfg.task}
     start_epoch, history, best = 1, [], None
     if resume:
-        meta = _load_checkpoint(ckpt_path, model, optimizer)
+        meta = _read_checkpoint_meta(ckpt_path)
+        _check_resumable(ckpt_path, meta, cfg, extra, steps_per_epoch)
+        _load_checkpoint(ckpt_path, model, optimizer)
         scheduler.load_state_dict(meta["scheduler"])
         schedule["total_steps"] = meta["total_steps"]
         start_epoch, history, best = meta["epoch"] + 1, meta["history"], meta["best"]
+        if rank == 0:
+            remove_stale_temp_files(run_dir)  # a kill mid-write leaves the atomic writer's temp files
+            atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2))  # the checkpoint is the truth
+        note = _refit_length(schedule, meta["config"], cfg, steps_per_epoch, meta["epoch"], history)
+        if note:
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * poly(scheduler.last_epoch)
+        done = meta["epoch"]
+        if rank == 0:
+            remaining = math.ceil(schedule["total_steps"] / steps_per_epoch) - done
+            print(f"resuming {run_dir} after epoch {done}: {note or 'same schedule'}; "
+                  + (f"{remaining} epoch(s) to train" if remaining > 0 else
+                     f"nothing to train: all {done} epochs are done (raise epochs= or max_minutes= to train longer)"),
+                  flush=True)
 
     module = task.train_module(model)
     if world > 1:
         module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    extra = {**task.model_extra(train_set, cfg), "task": cfg.task}
+    trained_before = sum(record["seconds"] for record in history)  # max_minutes counts the whole run
     started = time.monotonic()
     total_epochs = math.ceil(schedule["total_steps"] / steps_per_epoch)
     epoch = start_epoch
@@ -291,9 +371,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         record["seconds"] = time.monotonic() - epoch_start
         history.append(record)
         if cfg.max_minutes is not None:
-            elapsed = time.monotonic() - started
-            mean_epoch = elapsed / (epoch - start_epoch + 1)
-            _fit_time_budget(schedule, cfg, steps_per_epoch, epoch, mean_epoch, elapsed)
+            elapsed = trained_before + time.monotonic() - started
+            _fit_time_budget(schedule, cfg, steps_per_epoch, epoch, elapsed / epoch, elapsed)
             if world > 1:  # every rank must run the same number of epochs: rank 0 decides
                 total = torch.tensor([schedule["total_steps"]], device=device)
                 dist.broadcast(total, 0)
@@ -302,7 +381,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         if rank == 0:
             save_model(model, run_dir / "model_last", extra)
             meta = {"epoch": epoch, "history": history, "best": best, "scheduler": scheduler.state_dict(),
-                    "total_steps": schedule["total_steps"], "config": dataclasses.asdict(cfg), "world_size": world}
+                    "total_steps": schedule["total_steps"], "config": dataclasses.asdict(cfg), "world_size": world,
+                    "extra": extra}
             _save_checkpoint(ckpt_path, model, optimizer, meta)
             atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2))
         epoch += 1
