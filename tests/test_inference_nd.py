@@ -94,8 +94,8 @@ def test_slab_buffer_does_not_grow_with_volume_depth(monkeypatch):
             super().__init__(*args)
             buffers.append(self)
 
-        def pop(self, rows):
-            done = super().pop(rows)
+        def blend(self, rows):
+            done = super().blend(rows)
             popped.append(done.shape[2])
             return done
 
