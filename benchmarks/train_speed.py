@@ -31,7 +31,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import resource
@@ -43,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from speed import parse_model  # benchmarks/speed.py, beside this script
 
 CONFIGS = ("eager", "channels_last", "foreach", "fused", "compile", "bf16", "all", "memory_efficient")
 FLAGS = {  # configuration -> what it switches on
@@ -140,21 +141,6 @@ def spawn(job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def parse_model(text: str) -> tuple[str, dict[str, Any]]:
-    """``name`` or ``name:key=value,...`` (values as Python literals, else strings)."""
-    name, _, rest = text.partition(":")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--models: option {item!r} of {text!r} is not key=value")
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key] = value
-    return name, options
-
-
 def print_table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
@@ -190,7 +176,8 @@ def main() -> None:
               f"max loss diff, {args.compare_steps} steps", f"loss at step {args.compare_steps}"]
     rows = []
     for text in args.models:
-        name, options = parse_model(text)
+        spec = parse_model(text, NUM_CLASSES)
+        name, options = spec["name"], spec["options"]
         configs = [c for c in CONFIGS if c in args.configs and (c != "memory_efficient" or name.startswith("fcdensenet"))]
         if "eager" not in configs:
             configs.insert(0, "eager")  # the reference for speed-up and losses

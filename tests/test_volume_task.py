@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-import torch
 from typer.testing import CliRunner
 
 from pixelwise.cli import app

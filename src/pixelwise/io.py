@@ -6,7 +6,8 @@ import io
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,22 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     return path
 
 
-def make_temp_dir(path: str | Path) -> Path:
-    """Create an empty folder beside ``path`` to fill and then rename to ``path`` (usual permissions)."""
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path`` to fill; when the block ends without
+    an error it is renamed to ``path`` (which must be absent or empty), else removed, so
+    ``path`` ends up complete or untouched. Usual permissions (0777 minus the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _temp_path(path, lambda p: p.mkdir(mode=0o777))
+    tmp = _temp_path(path, lambda p: p.mkdir(mode=0o777))
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_output_folder(path: str | Path, option: str = "--out") -> Path:
@@ -70,7 +82,7 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     """Delete the ``.NAME.<random>.tmp`` files and folders that :func:`atomic_write` and
-    :func:`make_temp_dir` left in ``folder`` when killed mid-write; returns them.
+    :func:`atomic_folder` left in ``folder`` when killed mid-write; returns them.
 
     Only call it when no other writer is active in ``folder`` (e.g. when a run resumes).
     """

@@ -23,8 +23,6 @@ Readers:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from torch.utils.data import Dataset
 from pixelwise.data.datasets import ISBI_VAL_SLICES, ClassInfo, ISBI2012, _find_classes_file, _list_by_stem, _match, read_classes_file, voc_colormap, write_classes_file
 from pixelwise.data.synthetic import make_synthetic_instances, synthetic_classes
 from pixelwise.data.transforms import ToTensor, to_float
-from pixelwise.io import atomic_write, atomic_write_text, make_temp_dir, read_image, read_mask
+from pixelwise.io import atomic_folder, atomic_write, atomic_write_text, read_image, read_mask
 
 Target = dict[str, Tensor]
 
@@ -316,19 +314,12 @@ def write_synthetic_instances(root: str | Path, n_train: int = 200, n_val: int =
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ValueError(f"folder {root} already exists and is not empty; delete it or pick another")
-    tmp = make_temp_dir(root)
-    try:
+    with atomic_folder(root) as tmp:
         for split_id, (split, count) in enumerate((("train", n_train), ("val", n_val))):
             for i in range(count):
                 image, ids, classes = make_synthetic_instances(np.random.default_rng([seed, split_id, i]), size, num_classes)
                 write_instance_sample(tmp / split, f"{i:04d}", image, ids, classes)
         write_classes_file(tmp / "classes.json", synthetic_classes(num_classes))
-        if root.exists():
-            root.rmdir()
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 

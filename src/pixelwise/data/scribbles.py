@@ -21,9 +21,7 @@ Example:
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,7 @@ from pixelwise.data.datasets import (
     write_classes_file,
 )
 from pixelwise.data.transforms import TrainTransform, eval_transform
-from pixelwise.io import write_mask
+from pixelwise.io import atomic_folder, write_mask
 
 SCRIBBLES = "scribbles"
 
@@ -172,9 +170,7 @@ def write_scribble_dataset(
     val = open_dataset(data, val_split)
     if max(train.num_classes, train.ignore_index) > 255:
         raise ValueError("write_scribble_dataset writes 8-bit PNG label maps: class ids and ignore_index must be <= 255")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
-    try:
+    with atomic_folder(root) as tmp:
         for split, dataset in (("train", train), ("val", val)):
             for sub in ("images", "masks") + ((SCRIBBLES,) if split == "train" else ()):
                 (tmp / split / sub).mkdir(parents=True)
@@ -187,12 +183,6 @@ def write_scribble_dataset(
                     write_mask(tmp / split / SCRIBBLES / f"{stem}.png", dataset.read_pair(i)[1], train.palette)
         write_classes_file(tmp / "classes.json", ClassInfo(names=list(train.class_names), palette=list(train.palette),
                                                            ignore_index=train.ignore_index))
-        if root.exists():
-            root.rmdir()
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 

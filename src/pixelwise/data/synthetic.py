@@ -15,8 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import cv2
@@ -24,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from pixelwise.data.datasets import ClassInfo, write_classes_file
-from pixelwise.io import make_temp_dir, write_mask
+from pixelwise.io import atomic_folder, write_mask
 
 SHAPE_NAMES = ["ellipse", "rectangle", "triangle", "ring", "cross", "diamond", "star"]
 MAX_CLASSES = len(SHAPE_NAMES) + 1
@@ -227,9 +225,7 @@ def write_synthetic_dataset(
     if n_train < 1 or n_val < 1:
         raise ValueError(f"n_train and n_val must be >= 1, got {n_train} and {n_val}")
     info = synthetic_classes(num_classes)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(root)
-    try:
+    with atomic_folder(root) as tmp:
         for split_id, (split, count) in enumerate((("train", n_train), ("val", n_val))):
             (tmp / split / "images").mkdir(parents=True)
             (tmp / split / "masks").mkdir(parents=True)
@@ -239,10 +235,4 @@ def write_synthetic_dataset(
                 Image.fromarray(image).save(tmp / split / "images" / f"{i:04d}.png")
                 write_mask(tmp / split / "masks" / f"{i:04d}.png", mask, info.palette)
         write_classes_file(tmp / "classes.json", info)
-        if root.exists():
-            root.rmdir()
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
