@@ -312,14 +312,13 @@ def serve(
 
 
 def _saved_task(model: Path) -> str:
-    """The task a saved model was trained for (``extra["task"]`` of its JSON; "semantic" if absent,
-    leaving a missing file to the loader's error)."""
-    import json
+    """The task a saved model was trained for (``extra["task"]`` of its JSON; "semantic" without
+    a JSON, e.g. an exported .onnx, leaving a missing file to the loader's error)."""
+    from pixelwise.models.registry import read_model_description
 
-    meta = Path(model).with_suffix(".json")
-    if not meta.is_file():
+    if not Path(model).with_suffix(".json").is_file():
         return "semantic"
-    return json.loads(meta.read_text()).get("extra", {}).get("task", "semantic")
+    return read_model_description(model).get("extra", {}).get("task", "semantic")
 
 
 def _print_summary(metrics: dict, run_dir: Path) -> None:

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from pixelwise.io import atomic_write
-from pixelwise.models.registry import spatial_dims
+from pixelwise.models.registry import MODELS, spatial_dims
 
 __all__ = [
     "OnnxPredictor", "TorchPredictor", "calibration_batch", "export_onnx", "export_onnx_int8", "fold_batchnorm",
@@ -288,7 +288,7 @@ def export_onnx(
         extra: the model's saved ``extra`` (:func:`pixelwise.models.load_model`), kept as metadata.
     """
     name = getattr(model, "config", {}).get("name")
-    if name is not None and spatial_dims(name) != 2:
+    if name in MODELS and spatial_dims(name) != 2:
         raise ValueError(f"ONNX export takes 2D models (N, C, H, W); {name} is {spatial_dims(name)}D: predict volumes with the torch runtime")
     height = _positive_int("height", height)
     width = _positive_int("width", width)

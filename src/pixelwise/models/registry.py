@@ -93,6 +93,28 @@ def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
     return path
 
 
+def read_model_description(path: str | Path) -> dict[str, Any]:
+    """The JSON :func:`save_model` wrote beside ``path`` (``{"model": {"name", ...}, "extra": {...}}``).
+
+    Raises:
+        ValueError: The JSON is missing, unreadable or describes no model; the message names it.
+    """
+    path = Path(path).with_suffix(".safetensors")
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise ValueError(f"checkpoint file {str(meta_path)!r} does not exist; pass a .safetensors written by pixelwise")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta["model"]["name"], str):
+            raise TypeError("the model name is not a string")
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, not UTF-8, no model entry
+        raise ValueError(
+            f"model file {str(meta_path)!r} is not a pixelwise model description ({e!r}); it must be the JSON that "
+            f"pixelwise wrote beside {path.name}"
+        ) from e
+    return meta
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model saved by :func:`save_model`; returns ``(model, extra)``. Never unpickles.
 
@@ -105,16 +127,12 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
     path = Path(path).with_suffix(".safetensors")
     meta_path = path.with_suffix(".json")
-    for p in (path, meta_path):
-        if not p.is_file():
-            raise ValueError(f"checkpoint file {str(p)!r} does not exist; pass a .safetensors written by pixelwise")
+    if not path.is_file():
+        raise ValueError(f"checkpoint file {str(path)!r} does not exist; pass a .safetensors written by pixelwise")
+    meta = read_model_description(path)
+    config = dict(meta["model"])
+    name = config.pop("name")
     fix = f"it must be the JSON that pixelwise wrote beside {path.name}"
-    try:
-        meta = json.loads(meta_path.read_text())
-        config = dict(meta["model"])
-        name = config.pop("name")
-    except (ValueError, KeyError, TypeError) as e:  # bad JSON, not UTF-8, no model entry
-        raise ValueError(f"model file {str(meta_path)!r} is not a pixelwise model description ({e!r}); {fix}") from e
     try:
         model = create_model(name, **config)
     except (ValueError, TypeError) as e:
