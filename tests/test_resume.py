@@ -135,6 +135,26 @@ def test_max_minutes_fits_the_schedule_and_extends_on_resume(tiny_data, tmp_path
     assert resumed["history"][3]["lr"] == 0.0
 
 
+def test_a_budget_that_ends_the_run_between_validations_still_scores_the_last_epoch(tiny_data, tmp_path, monkeypatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(training, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    real_epoch = training._train_one_epoch
+
+    durations = iter([60.0, 90.0])
+
+    def slower_and_slower(*args, **kwargs):
+        clock[0] += next(durations)
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_train_one_epoch", slower_and_slower)
+    # 200 s budget, val_every=5: after epoch 1 (60 s) the plan is 3 epochs; epoch 2 takes 90 s,
+    # so the budget ends the run after epoch 2, which is then validated and kept.
+    result = train(_config(tiny_data, tmp_path, epochs=10, max_minutes=200 / 60, val_every=5), progress=False)
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert "val_score" not in result["history"][0] and "val_score" in result["history"][1]
+    assert result["best"]["epoch"] == 2 and (tmp_path / "model_best.safetensors").is_file()
+
+
 def test_resume_keeps_the_best_score_and_model(tiny_data, tmp_path, monkeypatch) -> None:
     from pixelwise.tasks.semantic import SemanticTask
 

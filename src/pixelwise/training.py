@@ -358,7 +358,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         )
         train_loss = _train_one_epoch(task, module, loader, optimizer, scheduler, cfg, device, rank, progress, epoch, total_epochs)
         record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
-        if epoch % cfg.val_every == 0 or epoch == total_epochs:
+
+        def validate() -> None:
+            nonlocal best
             metrics = task.evaluate(
                 model, val_set, device=device, scales=tuple(cfg.val_scales), rank=rank, world_size=world,
                 progress=progress and rank == 0,
@@ -368,8 +370,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             if rank == 0 and (best is None or score > best["score"]):
                 best = {"epoch": epoch, "score": score}
                 save_model(model, run_dir / "model_best", extra)
-        record["seconds"] = time.monotonic() - epoch_start
-        history.append(record)
+
+        if epoch % cfg.val_every == 0 or epoch == total_epochs:
+            validate()
         if cfg.max_minutes is not None:
             elapsed = trained_before + time.monotonic() - started
             _fit_time_budget(schedule, cfg, steps_per_epoch, epoch, elapsed / epoch, elapsed)
@@ -378,6 +381,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 dist.broadcast(total, 0)
                 schedule["total_steps"] = int(total.item())
             total_epochs = math.ceil(schedule["total_steps"] / steps_per_epoch)
+            if epoch == total_epochs and "val_score" not in record:  # the budget ends the run here: score it
+                validate()
+        record["seconds"] = time.monotonic() - epoch_start
+        history.append(record)
         if rank == 0:
             save_model(model, run_dir / "model_last", extra)
             meta = {"epoch": epoch, "history": history, "best": best, "scheduler": scheduler.state_dict(),
