@@ -16,7 +16,7 @@ from rich.console import Console
 
 from pixelwise.io import check_output_folder
 
-app = typer.Typer(add_completion=False, help="Semantic segmentation: train, evaluate, predict, export.")
+app = typer.Typer(add_completion=False, help="Segmentation of images and volumes: train, evaluate, predict, export, serve.")
 console = Console()
 
 Tile = Annotated[Optional[int], typer.Option(help="Sliding-window tile size in px (overlap-tile with mirror padding); default: whole image.")]
