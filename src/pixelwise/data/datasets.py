@@ -763,6 +763,18 @@ def holdout_indices(n: int, val_fraction: float) -> list[int]:
     return sorted(np.random.default_rng(HOLDOUT_SEED).permutation(n)[:count].tolist())
 
 
+def isbi2012_split(root: str | Path, split: str) -> range | None:
+    """Slice positions of ``split`` in the ISBI 2012 folder ``root``: ``train`` all but the
+    last :data:`ISBI_VAL_SLICES`, ``val`` those, ``all`` None (every slice)."""
+    n = len(ISBI2012(root).files)
+    if n <= ISBI_VAL_SLICES:
+        raise ValueError(f"isbi2012:{root} has {n} slices; a train/val split needs more than {ISBI_VAL_SLICES}")
+    splits = {"train": range(n - ISBI_VAL_SLICES), "val": range(n - ISBI_VAL_SLICES, n), "all": None}
+    if split not in splits:
+        raise ValueError(f"split {split!r} is not one of {sorted(splits)} for isbi2012")
+    return splits[split]
+
+
 def open_dataset(
     spec: str | Path, split: str, transform: Transform | None = None, val_fraction: float = 0.2
 ) -> SegmentationDataset:
@@ -795,13 +807,7 @@ def open_dataset(
     if kind == "cityscapes":
         return Cityscapes(rest, split, transform=transform)
     if kind == "isbi2012":
-        n = len(ISBI2012(rest).files)
-        if n <= ISBI_VAL_SLICES:
-            raise ValueError(f"isbi2012:{rest} has {n} slices; a train/val split needs more than {ISBI_VAL_SLICES}")
-        splits = {"train": range(n - ISBI_VAL_SLICES), "val": range(n - ISBI_VAL_SLICES, n), "all": None}
-        if split not in splits:
-            raise ValueError(f"split {split!r} is not one of {sorted(splits)} for isbi2012")
-        return ISBI2012(rest, indices=splits[split], transform=transform)
+        return ISBI2012(rest, indices=isbi2012_split(rest, split), transform=transform)
     path = Path(text)
     if sep and len(prefix) > 1 and prefix.isidentifier() and not path.exists():
         raise ValueError(f"unknown data set {text!r}: prefix {prefix!r} is not recognised; use {DATASET_FORMS}")

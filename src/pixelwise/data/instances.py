@@ -33,7 +33,7 @@ from scipy import ndimage
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pixelwise.data.datasets import ISBI_VAL_SLICES, ClassInfo, ISBI2012, _find_classes_file, _list_by_stem, _match, read_classes_file, voc_colormap, write_classes_file
+from pixelwise.data.datasets import ClassInfo, ISBI2012, isbi2012_split, _find_classes_file, _list_by_stem, _match, read_classes_file, voc_colormap, write_classes_file
 from pixelwise.data.synthetic import make_synthetic_instances, synthetic_classes
 from pixelwise.data.transforms import ToTensor, to_float
 from pixelwise.io import atomic_folder, atomic_write, atomic_write_text, read_image, read_mask
@@ -337,13 +337,7 @@ def open_instances(spec: str | Path, split: str, transform: Callable | None = No
         images = root / split if (root / split).is_dir() else root / "images"
         return CocoInstances(root / f"{split}.json", images, transform)
     if kind == "isbi2012":
-        n = len(ISBI2012(rest).files)
-        if n <= ISBI_VAL_SLICES:
-            raise ValueError(f"isbi2012:{rest} has {n} slices; a train/val split needs more than {ISBI_VAL_SLICES}")
-        splits = {"train": range(n - ISBI_VAL_SLICES), "val": range(n - ISBI_VAL_SLICES, n), "all": None}
-        if split not in splits:
-            raise ValueError(f"split {split!r} is not one of {sorted(splits)} for isbi2012")
-        return ISBI2012Instances(rest, splits[split], transform)
+        return ISBI2012Instances(rest, isbi2012_split(rest, split), transform)
     path = Path(text)
     if _is_instance_folder(path / split):
         return InstanceFolder(path / split, transform)
