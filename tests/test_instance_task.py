@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from typer.testing import CliRunner
 
 from pixelwise.cli import app
 from pixelwise.data.instances import SyntheticInstances, instances_to_target, semantic_to_instances, write_synthetic_instances
+from pixelwise.metrics import coco_instance_metrics
 from pixelwise.models import create_model
 from pixelwise.tasks import get_task
 from pixelwise.tasks.instance import detect
@@ -111,24 +111,31 @@ def test_instance_task_refuses_a_dense_model(tmp_path) -> None:
     assert result.exit_code != 0 and "detection model" in str(result.exception)
 
 
-def test_tiny_maskrcnn_learns_four_images() -> None:
-    """A fast stand-in for the overfitting check (``benchmarks/instance.py --overfit``: mask AP50 1.0
-    on the same four images after 150 steps): after 40 steps the objectness loss is under a
-    quarter of chance (ln 2) and the box classifier's under half of chance (ln 3)."""
-    torch.manual_seed(0)
-    task = get_task("instance")
-    dataset = SyntheticInstances(4, size=(64, 64), num_classes=3, seed=0)
-    images, targets = task.collate([dataset[i] for i in range(4)])
-    model = create_model("maskrcnn", num_classes=3, **TINY)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4, foreach=True)
-    history = []
-    for _ in range(40):
-        model.train()
-        losses = model(images, targets)
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
-        history.append({k: v.item() for k, v in losses.items()})
-    last = {k: sum(h[k] for h in history[-5:]) / 5 for k in history[0]}
-    assert last["loss_objectness"] < math.log(2) / 4, last
-    assert last["loss_classifier"] < math.log(3) / 2, last
+def test_tiny_maskrcnn_overfits_four_images_to_mask_ap50_above_0_9() -> None:
+    """Issue 13's overfitting check: a small Mask R-CNN (R18-FPN-32) learns four synthetic 64 x 64
+    images to mask AP50 > 0.9 on those images within 120 AdamW steps (one-cycle schedule). One
+    thread, so the run is the same on every machine; the best of the evaluations at steps 100
+    and 120 counts, since AP50 over 13 objects moves by 0.08 per instance."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        task = get_task("instance")
+        dataset = SyntheticInstances(4, size=(64, 64), num_classes=3, seed=0)
+        images, targets = task.collate([dataset[i] for i in range(4)])
+        model = create_model("maskrcnn", num_classes=3, **{**TINY, "fpn_channels": 32, "representation_size": 64, "mask_channels": 32})
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4, foreach=True)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=120, pct_start=0.1)
+        ap50 = []
+        for step in range(1, 121):
+            model.train()
+            loss = sum(model(images, targets).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if step in (100, 120):
+                ap50.append(coco_instance_metrics([detect(model, im) for im in images], targets, 3)["mask_ap50"])
+    finally:
+        torch.set_num_threads(threads)
+    assert max(ap50) > 0.9, ap50

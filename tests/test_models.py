@@ -92,3 +92,25 @@ def test_save_model_load_model_round_trip(tmp_path) -> None:
     x = torch.randn(1, 2, 33, 47)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), loaded.eval()(x))
+
+
+def test_input_norm_image_makes_predictions_invariant_to_gain_and_offset(tmp_path) -> None:
+    from pixelwise.models import load_model, save_model
+
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=3, base_channels=4, depth=2, input_norm="image").eval()
+    x = torch.rand(2, 3, 32, 48)
+    darker = x * torch.tensor([0.3, 0.4, 0.5]).view(1, 3, 1, 1) + torch.tensor([0.05, 0.0, 0.1]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(model(darker), model(x), atol=1e-3)
+        plain = create_model("unet", num_classes=3, base_channels=4, depth=2).eval()
+        plain.load_state_dict(model.state_dict())  # same keys: the standardisation holds no weights
+        assert not torch.allclose(plain(darker), plain(x), atol=1e-1)
+        save_model(model, tmp_path / "m")
+        loaded, _ = load_model(tmp_path / "m.safetensors")
+        assert loaded.config["input_norm"] == "image"
+        assert torch.equal(loaded.eval()(darker), model(darker))
+    with pytest.raises(ValueError, match="input_norm='dataset' is not supported"):
+        create_model("unet", num_classes=3, input_norm="dataset")
+    with pytest.raises(ValueError, match="applies to dense models"):
+        create_model("maskrcnn", num_classes=3, backbone="resnet18", input_norm="image")

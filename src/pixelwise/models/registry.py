@@ -47,13 +47,19 @@ def get_builder(name: str) -> Callable[..., nn.Module]:
     return MODELS[name]
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
+def create_model(name: str, num_classes: int, in_channels: int = 3, input_norm: str | None = None, **kwargs: Any) -> nn.Module:
     """Build a model by name.
 
     A dense model maps (N, in_channels, H, W) float images to (N, num_classes, H, W) logits
     for any H, W (a 3D one, :func:`spatial_dims`, (N, C, D, H, W) volumes); a detection
     model (:func:`model_kind`) returns instances. Its creation arguments, defaults included,
     are kept in ``model.config`` so that :func:`save_model` / :func:`load_model` can rebuild it.
+
+    ``input_norm="image"`` (dense models) standardises each input image per channel by its
+    own mean and standard deviation before the network sees it (a forward pre-hook, so the
+    weights and state-dict keys are the builder's): predictions become invariant to a
+    per-channel gain and offset of the image, e.g. a darker drive. Statistics are those of
+    what the model is given: one tile at a time under tiled prediction.
 
     Example:
         >>> model = create_model("unet", num_classes=3, base_channels=8)
@@ -66,14 +72,29 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
     if unknown:
         options = [p for p in accepted if p not in ("num_classes", "in_channels")]
         raise ValueError(f"model {name!r} does not take {', '.join(unknown)}; its options are: {', '.join(options) or 'none'}")
+    if input_norm not in (None, "image"):
+        raise ValueError(f"input_norm={input_norm!r} is not supported; use 'image' (per-image standardisation) or leave it unset")
+    if input_norm is not None and getattr(builder, "kind", "dense") != "dense":
+        raise ValueError(f"input_norm applies to dense models; {name!r} is a {builder.kind} model")
     model = builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if input_norm == "image":
+        model.register_forward_pre_hook(_standardise_each_image)
     # Every option, defaults included, so a checkpoint rebuilds the same network even after
     # a default changes (tuples as lists, as JSON gives them back).
     bound = inspect.signature(builder).bind(num_classes=num_classes, in_channels=in_channels, **kwargs)
     bound.apply_defaults()
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}
-    model.config = {"name": name, **options}
+    model.config = {"name": name, **options, **({"input_norm": input_norm} if input_norm else {})}
     return model
+
+
+def _standardise_each_image(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook of ``input_norm="image"``: (N, C, ...) -> per image and channel, zero mean and unit std."""
+    x = args[0]
+    dims = tuple(range(2, x.ndim))
+    mean = x.mean(dims, keepdim=True)
+    std = x.std(dims, keepdim=True, unbiased=False)
+    return ((x - mean) / (std + 1e-5), *args[1:])
 
 
 def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
