@@ -298,6 +298,16 @@ def test_model_names_and_limits_are_validated(model_path) -> None:
         ServeLimits(max_jobs=0)
 
 
+@pytest.mark.parametrize("name, options, kind", [
+    ("maskrcnn", {"backbone": "resnet18", "fpn_channels": 16, "representation_size": 16, "mask_channels": 16}, "Mask R-CNN"),
+    ("unet3d", {"base_channels": 4}, "3D"),
+])
+def test_serve_refuses_instance_and_volume_models(tmp_path, name, options, kind) -> None:
+    path = save_model(create_model(name, num_classes=2, **options), tmp_path / "run" / "model_best")
+    with pytest.raises(ValueError, match=f"is a {kind}.*serve runs 2D semantic models: use pixelwise predict"):
+        load_models([path])
+
+
 def test_serve_command_binds_loopback_by_default(model_path, monkeypatch) -> None:
     import uvicorn
     from typer.testing import CliRunner

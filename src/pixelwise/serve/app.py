@@ -42,7 +42,7 @@ from pixelwise.data.transforms import ToTensor
 from pixelwise.export import prepare_for_cpu
 from pixelwise.inference import segment_image
 from pixelwise.io import encode_mask, read_image
-from pixelwise.models import load_model
+from pixelwise.models import load_model, model_kind, spatial_dims
 
 STATIC = Path(__file__).with_name("static")
 PREDICT_PATH = re.compile(r"^/v1/models/[^/]+/predict/?$")
@@ -140,6 +140,11 @@ def load_models(specs: Sequence[str | Path]) -> dict[str, ServedModel]:
             raise ValueError(f"two models are named {name!r} ({models[name].path} and {path}); "
                              "name them apart with --model NAME=PATH")
         model, extra = load_model(path)
+        kind = "a Mask R-CNN (instance)" if model_kind(model.config["name"]) != "dense" else (
+            "a 3D (volume)" if spatial_dims(model.config["name"]) != 2 else None)
+        if kind:
+            raise ValueError(f"{path} is {kind} model; serve runs 2D semantic models: "
+                             f"use pixelwise predict IMAGE --model {path}")
         model.eval()
         outputs = model.config["num_classes"]
         count = 2 if outputs == 1 else outputs  # a single-channel model labels 0 / 1
