@@ -40,7 +40,7 @@ from pixelwise.training import TrainConfig, train
 
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
 MEAN, STD = [0.412, 0.425, 0.433], [0.307, 0.312, 0.307]  # CamVid train split, measured
-RECIPE = "unet16-half"  # the defaults below: U-Net (16 base channels), half-size crops, AdamW, median-frequency weights
+RECIPE = "unet16-half"  # the defaults below: U-Net (16 base channels), half-size crops, AdamW, median-frequency weights, channels-last
 
 
 def sequence_holdout(root: Path, sequence: str, out: Path) -> Path:
@@ -83,13 +83,16 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        help="NCHW training (channels-last, the default, trains U-Net 1.37x faster: benchmarks/train_speed.py)")
     parser.add_argument("--eval-scale", type=float, default=0.5, help="test-time scale (match the training scales)")
     parser.add_argument("--recipe", default=None, help=f"name printed in the table (default: {RECIPE}, or 'custom' when options differ)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_camvid"))
     args = parser.parse_args()
     if not (args.root / "train").is_dir():
         raise SystemExit(f"CamVid not found at {args.root}; pass --root")
-    custom = [a for a in ("model", "model_args", "crop", "scale", "color_jitter", "batch", "lr", "optimizer", "loss", "class_weights")
+    custom = [a for a in ("model", "model_args", "crop", "scale", "color_jitter", "batch", "lr", "optimizer", "loss", "class_weights",
+                                 "channels_last")
               if getattr(args, a) != parser.get_default(a)]
     recipe = args.recipe or (RECIPE if not custom else "custom: " + ", ".join(custom))
 
@@ -103,6 +106,7 @@ def main() -> None:
         weight_decay=1e-4 if args.optimizer == "adamw" else 5e-4, loss=args.loss,
         class_weights=None if args.class_weights == "none" else args.class_weights,
         mean=MEAN, std=STD, val_every=args.val_every, val_scales=[args.eval_scale], threads=args.threads, workers=args.workers,
+        channels_last=args.channels_last,
     )
     started = time.monotonic()
     result = train(cfg)

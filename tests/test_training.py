@@ -187,3 +187,23 @@ def test_unet_weight_map_reaches_the_loss(tiny_data, tmp_path, monkeypatch) -> N
 def test_unknown_task_names_the_known_ones(tiny_data, tmp_path) -> None:
     with pytest.raises(ValueError, match="task='instances' is not known; use one of edges, instance, scribbles, semantic, volume"):
         _config(tiny_data, tmp_path, task="instances")
+
+
+def test_channels_last_trains_the_same_run_in_nhwc(tiny_data, tmp_path, monkeypatch) -> None:
+    formats = []
+    original = semantic.SemanticTask.loss
+
+    def spy(self, module, batch, device):
+        formats.append(next(p for p in module.parameters() if p.ndim == 4).is_contiguous(memory_format=torch.channels_last))
+        return original(self, module, batch, device)
+
+    monkeypatch.setattr(semantic.SemanticTask, "loss", spy)
+    plain = train(_config(tiny_data, tmp_path / "plain"), progress=False)["history"]
+    assert not any(formats)
+    formats.clear()
+    nhwc = train(_config(tiny_data, tmp_path / "nhwc", channels_last=True), progress=False)["history"]
+    assert formats and all(formats)
+    for a, b in zip(plain, nhwc):  # same numbers up to the convolutions' float rounding
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    with pytest.raises(ValueError, match="channels_last=true applies to 2D dense models"):
+        train(_config(tiny_data, tmp_path / "3d", model="unet3d", channels_last=True), progress=False)
