@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from speed import matmul_gflops
+from speed import matmul_gflops, time_calls
 
 from pixelwise.data import eval_transform, open_dataset
 from pixelwise.export import OnnxPredictor, calibration_batch, export_onnx, export_onnx_int8
@@ -96,13 +95,8 @@ def main() -> None:
             for kind, file in files.items():
                 predictor = OnnxPredictor(file, threads=args.threads)
                 x = calibration[:1].contiguous()
-                for _ in range(2):
-                    predictor(x)
-                times = []
-                for _ in range(args.runs):
-                    start = time.perf_counter()
-                    predictor(x)
-                    times.append(time.perf_counter() - start)
+                time_calls(lambda: predictor(x), 2)  # warm-up
+                times = time_calls(lambda: predictor(x), args.runs)
                 metrics = get_task("semantic").evaluate(OnnxModule(predictor), val, scales=(scale,)).metrics
                 measured[kind] = (1000 * statistics.median(times), metrics["mean_iou"])
             name = f"{model.config.get('name', path.parent.name)} ({path.parent.name})"
