@@ -17,8 +17,10 @@ written as a CamVid-layout folder of symbolic links (``OUT/data``: ``train/`` +
 --data camvid:OUT/data --split val`` reads.
 
 On 2 CPU cores a full-resolution run is out of reach in an hour, so the recipe trains on
-half-size crops (scales 0.4-0.6, 176x240) and evaluates at scale 0.5 with the probabilities
-resized back to full resolution (11 classes, void ignored). The scored model is the last
+half-size crops (scales 0.4-0.6, 176x240), channels-last, under bfloat16 autocast (on a CPU
+with AMX-BF16 about twice the samples/s of float32, with the same loss curve: see
+``benchmarks/README.md``), and evaluates at scale 0.5 with the probabilities resized back to
+full resolution (11 classes, void ignored). The scored model is the last
 checkpoint (``OUT/model_last.safetensors``): picking the best one by its score on the
 held-out drive would flatter that score. Reference points (SegNet paper, test split):
 SegNet-Basic 47.7 mIoU, ENet 51.3 (soft).
@@ -40,7 +42,7 @@ from pixelwise.training import TrainConfig, train
 
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
 MEAN, STD = [0.412, 0.425, 0.433], [0.307, 0.312, 0.307]  # CamVid train split, measured
-RECIPE = "unet16-half"  # the defaults below: U-Net (16 base channels), half-size crops, AdamW, median-frequency weights, channels-last
+RECIPE = "unet16-half"  # the defaults below: U-Net (16 base channels), half-size crops, AdamW, median-frequency weights, channels-last, bf16 autocast
 
 
 def sequence_holdout(root: Path, sequence: str, out: Path) -> Path:
@@ -85,6 +87,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                         help="NCHW training (channels-last, the default, trains U-Net 1.37x faster: benchmarks/train_speed.py)")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="train in float32 instead of bfloat16 autocast (fp32 weights either way)")
     parser.add_argument("--eval-scale", type=float, default=0.5, help="test-time scale (match the training scales)")
     parser.add_argument("--recipe", default=None, help=f"name printed in the table (default: {RECIPE}, or 'custom' when options differ)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_camvid"))
@@ -92,7 +96,7 @@ def main() -> None:
     if not (args.root / "train").is_dir():
         raise SystemExit(f"CamVid not found at {args.root}; pass --root")
     custom = [a for a in ("model", "model_args", "crop", "scale", "color_jitter", "batch", "lr", "optimizer", "loss", "class_weights",
-                                 "channels_last")
+                                 "channels_last", "bf16")
               if getattr(args, a) != parser.get_default(a)]
     recipe = args.recipe or (RECIPE if not custom else "custom: " + ", ".join(custom))
 
@@ -106,7 +110,7 @@ def main() -> None:
         weight_decay=1e-4 if args.optimizer == "adamw" else 5e-4, loss=args.loss,
         class_weights=None if args.class_weights == "none" else args.class_weights,
         mean=MEAN, std=STD, val_every=args.val_every, val_scales=[args.eval_scale], threads=args.threads, workers=args.workers,
-        channels_last=args.channels_last,
+        channels_last=args.channels_last, bf16=args.bf16,
     )
     started = time.monotonic()
     result = train(cfg)

@@ -11,6 +11,8 @@ that scored best on these slices) on the last five slices (``val``) with overlap
 valid U-Net with the padded U-Net (batch norm), each with and without the boundary weight
 map (w0 = 10, sigma = 5 px). Columns: Rand error (1 - adapted Rand F-score of the cell
 segments), variation of information (bits), pixel error, mIoU, training minutes, epochs.
+Every row trains channels-last under bfloat16 autocast (``--no-channels-last``,
+``--no-bf16`` for NCHW float32), as ``benchmarks/camvid.py`` does.
 The U-Net paper reports Rand error 0.0382 and pixel error 0.0611 on the challenge's test
 stack (a 64-channel network trained for hours on a GPU).
 """
@@ -45,6 +47,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="NCHW training")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 instead of bfloat16 autocast")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_isbi2012"))
     args = parser.parse_args()
     if not (args.root / "images").is_dir():
@@ -59,6 +63,7 @@ def main() -> None:
             model_args={"base_channels": args.base_channels}, epochs=args.epochs, max_minutes=args.minutes,
             batch_size=args.batch, crop_size=[args.crop, args.crop], scale_range=[0.8, 1.2], elastic="grid",
             optimizer="adamw", lr=args.lr, unet_weight_map=weight_map, val_every=5, threads=args.threads,
+            channels_last=args.channels_last, bf16=args.bf16,
         )
         started = time.monotonic()
         result = train(cfg, progress=False)

@@ -205,5 +205,8 @@ def test_channels_last_trains_the_same_run_in_nhwc(tiny_data, tmp_path, monkeypa
     assert formats and all(formats)
     for a, b in zip(plain, nhwc):  # same numbers up to the convolutions' float rounding
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    formats.clear()  # the layout may change on resume: an NCHW run continues in NHWC
+    resumed = train(_config(tiny_data, tmp_path / "plain", epochs=4, channels_last=True), resume=True, progress=False)["history"]
+    assert formats and all(formats) and len(resumed) == 4
     with pytest.raises(ValueError, match="channels_last=true applies to 2D dense models"):
         train(_config(tiny_data, tmp_path / "3d", model="unet3d", channels_last=True), progress=False)

@@ -108,10 +108,12 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number >= 1")
 
 
-RESUME_MAY_CHANGE = ("epochs", "max_minutes", "out", "data", "val_split", "val_every", "val_scales", "workers", "threads")
+RESUME_MAY_CHANGE = ("epochs", "max_minutes", "out", "data", "val_split", "val_every", "val_scales", "workers", "threads",
+                     "channels_last")
 """Config keys that may differ from the checkpoint's on ``--resume``: the run's length (the
 poly LR schedule is refit to a new ``epochs`` / ``max_minutes``), where the data lives (its
-classes and steps per epoch must not change) and how validation and workers run. Every
+classes and steps per epoch must not change), how validation and workers run, and the
+memory layout (``channels_last`` gives the same losses within rounding). Every
 other key shapes the weights' trajectory (model, task, optimiser and its LR, batches, loss,
 augmentation, seed), so a resumed run would match no unbroken run: those are refused, and
 a changed model, model_args or class list would not even load the checkpoint."""
