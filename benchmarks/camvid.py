@@ -18,7 +18,7 @@ written as a CamVid-layout folder of symbolic links (``OUT/data``: ``train/`` +
 
 On 2 CPU cores a full-resolution run is out of reach in an hour, so the recipe trains on
 half-size crops (scales 0.4-0.6, 176x240), channels-last, under bfloat16 autocast (on a CPU
-with AMX-BF16 about twice the samples/s of float32, with the same loss curve: see
+with AMX-BF16 1.7x the samples/s of float32 on one core, with the same loss curve: see
 ``benchmarks/README.md``), and evaluates at scale 0.5 with the probabilities resized back to
 full resolution (11 classes, void ignored). The scored model is the last
 checkpoint (``OUT/model_last.safetensors``): picking the best one by its score on the
