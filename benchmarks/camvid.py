@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--loss", default="ce")
     parser.add_argument("--class-weights", default="median_frequency")
+    parser.add_argument("--ema-decay", type=float, default=None, help="keep and score an EMA of the weights (e.g. 0.999)")
+    parser.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation (repeat runs to see the noise)")
     parser.add_argument("--val-every", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -96,7 +98,7 @@ def main() -> None:
     if not (args.root / "train").is_dir():
         raise SystemExit(f"CamVid not found at {args.root}; pass --root")
     custom = [a for a in ("model", "model_args", "crop", "scale", "color_jitter", "batch", "lr", "optimizer", "loss", "class_weights",
-                                 "channels_last", "bf16")
+                                 "channels_last", "bf16", "ema_decay")
               if getattr(args, a) != parser.get_default(a)]
     recipe = args.recipe or (RECIPE if not custom else "custom: " + ", ".join(custom))
 
@@ -110,7 +112,7 @@ def main() -> None:
         weight_decay=1e-4 if args.optimizer == "adamw" else 5e-4, loss=args.loss,
         class_weights=None if args.class_weights == "none" else args.class_weights,
         mean=MEAN, std=STD, val_every=args.val_every, val_scales=[args.eval_scale], threads=args.threads, workers=args.workers,
-        channels_last=args.channels_last, bf16=args.bf16,
+        channels_last=args.channels_last, bf16=args.bf16, ema_decay=args.ema_decay, seed=args.seed,
     )
     started = time.monotonic()
     result = train(cfg)

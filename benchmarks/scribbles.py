@@ -7,13 +7,16 @@
 Every row trains the same model from scratch for the same time budget (``max_minutes``;
 ScribbleSup's propagation between rounds counts against it), or with ``--minutes 0`` for
 the same number of epochs (fairer on a shared machine), on CamVid at half resolution
-(180 x 240, images and masks resized once into ``OUT/dense``) or on ``--data``; strokes are simulated once
-from the train masks (``OUT/scribbles``, :func:`pixelwise.data.scribbles.write_scribble_dataset`)
-and shared by the scribble rows. Rows: full masks; partial CE on the strokes; ScribbleSup
-after each of its rounds (val mIoU at the round's last epoch); the regularized loss.
+(180 x 240, images and masks resized once into ``OUT/dense``) or on ``--data``,
+channels-last under bfloat16 autocast as in ``benchmarks/camvid.py`` (``--no-channels-last``,
+``--no-bf16``). Strokes are simulated once from the train masks (``OUT/scribbles``,
+:func:`pixelwise.data.scribbles.write_scribble_dataset`) and shared by the scribble rows.
+Rows: full masks (plain cross-entropy, the loss of the scribble rows, and with
+median-frequency class weights as in ``benchmarks/camvid.py``); partial CE on the strokes; ScribbleSup after each of its rounds (val
+mIoU at the round's last epoch); the regularized loss.
 Columns: labelled fraction of the training pixels, propagated-label mIoU against the true
 train masks (ScribbleSup rounds, measured at the start of the round), val mIoU (last epoch,
-half-resolution val, 11 classes, void ignored), ratio to the full-mask row.
+half-resolution val, 11 classes, void ignored), ratio to the better full-mask row.
 Goal (issue 11; ScribbleSup on VOC: 63.1 vs 68.5 with masks, 92%): ScribbleSup >= 90% and
 regularized >= 95% of the full-mask mIoU, propagated labels improving over the rounds.
 """
@@ -75,7 +78,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--rows", nargs="+", default=["full", "partial_ce", "scribblesup", "regularized"])
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="NCHW training")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 instead of bfloat16 autocast")
+    parser.add_argument("--rows", nargs="+", default=["full", "full_mf", "partial_ce", "scribblesup", "regularized"],
+                        choices=["full", "full_mf", "partial_ce", "scribblesup", "regularized"])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_scribbles"))
     args = parser.parse_args()
     if args.data is not None:
@@ -98,18 +104,20 @@ def main() -> None:
             out=str(args.out / row), model=args.model, model_args=json.loads(args.model_args), epochs=args.epochs,
             max_minutes=args.minutes or None, batch_size=args.batch, optimizer="adamw", lr=args.lr, weight_decay=1e-4,
             scale_range=[0.75, 1.25], crop_size=crop, mean=MEAN, std=STD, val_every=1, threads=args.threads,
+            channels_last=args.channels_last, bf16=args.bf16,
         )
-        if row == "full":
-            cfg = TrainConfig(data=str(dense), **common)
+        if row in ("full", "full_mf"):
+            cfg = TrainConfig(data=str(dense), class_weights="median_frequency" if row == "full_mf" else None, **common)
         else:
             cfg = TrainConfig(data=str(scribbles), task="scribbles", task_args={"method": row, "rounds": args.rounds, "superpixel_size": args.superpixel_size}, **common)
         started = time.monotonic()
         history = train(cfg, progress=False)["history"]
         minutes = (time.monotonic() - started) / 60
         last = history[-1]
-        label = {"full": "full masks", "partial_ce": "partial CE", "regularized": "regularized loss"}.get(row, row)
+        label = {"full": "full masks", "full_mf": "full masks, median-frequency weights", "partial_ce": "partial CE",
+                 "regularized": "regularized loss"}.get(row, row)
         if row != "scribblesup":
-            rows.append((label, 1.0 if row == "full" else fraction, None, last["val_mean_iou"], len(history), minutes))
+            rows.append((label, 1.0 if row.startswith("full") else fraction, None, last["val_mean_iou"], len(history), minutes))
             continue
         rounds = json.loads((args.out / row / "propagation.json").read_text())
         for r, record in enumerate(rounds):
@@ -118,7 +126,7 @@ def main() -> None:
             rows.append((f"ScribbleSup round {record['round']}", fraction, record.get("mean_iou"), at["val_mean_iou"], end,
                          minutes if r + 1 == len(rounds) else None))
 
-    full = next((r[3] for r in rows if r[0] == "full masks"), None)
+    full = max((r[3] for r in rows if r[0].startswith("full masks")), default=None)  # the better full-mask row
     budget = f"{args.minutes:g} min per row" if args.minutes else f"{args.epochs} epochs per row"
     print(f"{name}, {args.model} {args.model_args}, {budget}, "
           f"{len(open_scribbles(scribbles, 'train'))} train / {len(open_dataset(str(dense), 'val'))} val images\n")

@@ -107,6 +107,8 @@ def test_train_config_accepts_ints_for_floats_and_checks_pairs() -> None:
     check_field_types(cfg)
     with pytest.raises(ValueError, match=r"crop_size=\[1, 2, 3\] must hold two numbers"):
         TrainConfig(data="d", crop_size=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"ema_decay=1 must be in \(0, 1\)"):
+        TrainConfig(data="d", ema_decay=1)
 
 
 def test_overrides_parse_exponents_and_refuse_bad_values() -> None:

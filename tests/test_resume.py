@@ -237,3 +237,64 @@ def test_kill_9_then_resume_equals_an_unbroken_run(tiny_data, tmp_path, unbroken
     a = load_file(Path(unbroken["run_dir"]) / "model_last.safetensors")
     b = load_file(tmp_path / "model_last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------
+# Weight average (EMA)
+
+
+def test_weight_average_follows_the_warmed_up_decay_by_hand() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    ema = training.WeightAverage(model, decay=0.5)
+    for value in (3.0, 5.0):
+        with torch.no_grad():
+            model[0].weight.fill_(value)
+        model[1].num_batches_tracked += 7
+        ema.update(model)
+    # d_1 = min(0.5, 2/11) = 2/11, d_2 = min(0.5, 3/12) = 1/4
+    first = 2 / 11 * 1.0 + 9 / 11 * 3.0
+    assert ema.module[0].weight.item() == pytest.approx(0.25 * first + 0.75 * 5.0)
+    assert ema.module[1].num_batches_tracked.item() == 14  # integer buffers are copied, not averaged
+    assert not ema.module[0].weight.requires_grad and not ema.module.training
+
+
+def test_ema_run_saves_the_average_and_resumes_exactly(tiny_data, tmp_path, monkeypatch) -> None:
+    unbroken = train(_config(tiny_data, tmp_path / "a", ema_decay=0.9), progress=False)
+    with safe_open(str(tmp_path / "a" / "checkpoint.safetensors"), framework="pt") as f:
+        raw = {k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+        average = {k[4:]: f.get_tensor(k) for k in f.keys() if k.startswith("ema.")}
+    assert _meta(tmp_path / "a")["ema_updates"] == 6  # 3 epochs x 2 steps
+    last = load_file(tmp_path / "a" / "model_last.safetensors")
+    assert all(torch.equal(last[k], average[k]) for k in last)  # model_last holds the average ...
+    assert not all(torch.equal(average[k], raw[k]) for k in raw)  # ... not the weights the optimiser stepped
+
+    real_epoch = training._train_one_epoch
+
+    def killed_in_epoch_3(*args, **kwargs):
+        if args[-2] == 3:  # epoch argument
+            raise KeyboardInterrupt("simulated kill")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_train_one_epoch", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_data, tmp_path / "b", ema_decay=0.9), progress=False)
+    monkeypatch.setattr(training, "_train_one_epoch", real_epoch)
+    resumed = train(_config(tiny_data, tmp_path / "b", ema_decay=0.9), resume=True, progress=False)
+    assert _curve(resumed["history"]) == _curve(unbroken["history"])
+    b = load_file(tmp_path / "b" / "model_last.safetensors")
+    assert all(torch.equal(last[k], b[k]) for k in last)
+    with pytest.raises(ValueError, match=r"ema_decay=0.9 in the checkpoint, None now"):
+        train(_config(tiny_data, tmp_path / "b", epochs=4), resume=True, progress=False)
+
+
+def test_resume_reads_a_key_missing_from_an_older_checkpoint_as_its_default(tiny_data, tmp_path, monkeypatch) -> None:
+    train(_config(tiny_data, tmp_path, epochs=1), progress=False)
+    meta = _meta(tmp_path)
+    del meta["config"]["ema_decay"]  # as written before the key existed
+    real_read = training._read_checkpoint_meta
+    monkeypatch.setattr(training, "_read_checkpoint_meta", lambda path: meta if path == tmp_path / "checkpoint.safetensors" else real_read(path))
+    with pytest.raises(ValueError, match=r"ema_decay=None in the checkpoint, 0.99 now"):
+        train(_config(tiny_data, tmp_path, epochs=2, ema_decay=0.99), resume=True, progress=False)
+    assert len(train(_config(tiny_data, tmp_path, epochs=2), resume=True, progress=False)["history"]) == 2

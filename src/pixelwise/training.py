@@ -1,4 +1,4 @@
-"""One training loop: SGD/AdamW, poly LR, bf16 autocast, gradient accumulation, DDP, resume.
+"""One training loop: SGD/AdamW, poly LR, bf16 autocast, gradient accumulation, EMA of weights, DDP, resume.
 
 Example:
     >>> from pixelwise.training import TrainConfig, train
@@ -13,13 +13,14 @@ writes files.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,10 @@ class TrainConfig:
     trained on half-size crops); ``max_minutes`` fits the poly schedule after every epoch
     so that training ends within the budget (the epochs of a resumed run's earlier parts
     count). ``val_fraction`` is the share of a plain folder (images/ + masks/, no train/
-    and val/) held out for validation.
+    and val/) held out for validation. ``ema_decay`` (e.g. 0.999) keeps an exponential
+    moving average of the weights (:class:`WeightAverage`), which is then what is validated,
+    saved as ``model_best`` / ``model_last`` and handed to the task (e.g. for ScribbleSup's
+    propagation); the optimiser still steps the raw weights, kept in the checkpoint.
     """
 
     data: str
@@ -90,6 +94,7 @@ class TrainConfig:
     val_scales: list[float] = field(default_factory=lambda: [1.0])
     threads: int | None = None
     val_fraction: float = 0.2
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -106,6 +111,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accumulate", "val_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number >= 1")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay!r} must be in (0, 1), e.g. 0.999 (or null: no weight average)")
 
 
 RESUME_MAY_CHANGE = ("epochs", "max_minutes", "out", "data", "val_split", "val_every", "val_scales", "workers", "threads",
@@ -188,10 +195,38 @@ def _seed_everything(seed: int, dataset: Dataset) -> None:
 # Checkpoints: one safetensors file with model and optimiser tensors + JSON metadata
 
 
-def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+class WeightAverage:
+    """Exponential moving average of a model's weights and buffers (Polyak averaging).
+
+    After optimiser step t, every floating-point tensor of the state dict moves as
+    ``ema = d_t * ema + (1 - d_t) * w`` with ``d_t = min(decay, (1 + t) / (10 + t))``: the
+    warm-up of TensorFlow's ``ExponentialMovingAverage(num_updates=...)``, so that a short
+    run is not dominated by its first weights. Integer buffers (BN's batch count) are copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for ema, value in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if ema.dtype.is_floating_point:
+                ema.lerp_(value, 1 - d)
+            else:
+                ema.copy_(value)
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+                     ema: WeightAverage | None = None) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.module.state_dict().items()})
+        meta = {**meta, "ema_updates": ema.updates}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for name, value in state.items():
@@ -214,9 +249,11 @@ def _read_checkpoint_meta(path: Path) -> dict[str, Any]:
 def _check_resumable(path: Path, meta: dict[str, Any], cfg: TrainConfig, extra: dict[str, Any], steps_per_epoch: int) -> None:
     """Refuse to resume when ``cfg`` differs from the checkpoint's config outside :data:`RESUME_MAY_CHANGE`,
     when the data's classes changed, or when an epoch no longer has the same number of optimiser steps."""
-    saved, now = meta["config"], dataclasses.asdict(cfg)
+    # A key the checkpoint lacks (written before the key existed) had its default then.
+    defaults = dataclasses.asdict(TrainConfig(data=cfg.data, model=cfg.model, task=cfg.task))
+    saved, now = {**defaults, **meta["config"]}, dataclasses.asdict(cfg)
     differ = [f"{key}={saved[key]!r} in the checkpoint, {now[key]!r} now"
-              for key in now if key not in RESUME_MAY_CHANGE and key in saved and saved[key] != now[key]]
+              for key in now if key not in RESUME_MAY_CHANGE and saved[key] != now[key]]
     for key in ("class_names", "task"):
         if key in meta.get("extra", {}) and meta["extra"][key] != extra.get(key):
             differ.append(f"data {key} {meta['extra'][key]!r} in the checkpoint, {extra.get(key)!r} now")
@@ -252,13 +289,16 @@ def _refit_length(schedule: dict[str, int], saved: dict[str, Any], cfg: TrainCon
     return f"{', '.join(changes)}, poly LR schedule refit to {schedule['total_steps'] // steps_per_epoch} epochs"
 
 
-def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: WeightAverage | None) -> dict[str, Any]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["pixelwise"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        ema.updates = meta["ema_updates"]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -300,6 +340,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             raise ValueError(f"channels_last=true applies to 2D dense models; {cfg.model!r} is not one: drop channels_last")
         model = model.to(memory_format=torch.channels_last)
     task.setup(cfg, train_set, model, device)
+    ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
+    scored = ema.module if ema else model  # the weights that are validated, saved and handed to the task
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -323,7 +365,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if resume:
         meta = _read_checkpoint_meta(ckpt_path)
         _check_resumable(ckpt_path, meta, cfg, extra, steps_per_epoch)
-        _load_checkpoint(ckpt_path, model, optimizer)
+        _load_checkpoint(ckpt_path, model, optimizer, ema)
         scheduler.load_state_dict(meta["scheduler"])
         schedule["total_steps"] = meta["total_steps"]
         start_epoch, history, best = meta["epoch"] + 1, meta["history"], meta["best"]
@@ -352,7 +394,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     while epoch <= total_epochs:
         epoch_start = time.monotonic()
         _seed_everything(cfg.seed * 1000 + epoch * 10 + rank, train_set)
-        task.start_epoch(epoch, model, train_set)
+        task.start_epoch(epoch, scored, train_set)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         mine = order[rank::world][:per_rank].tolist()
         loader = DataLoader(
@@ -363,20 +405,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + rank),
             drop_last=drop_last,
         )
-        train_loss = _train_one_epoch(task, module, loader, optimizer, scheduler, cfg, device, rank, progress, epoch, total_epochs)
+        train_loss = _train_one_epoch(task, module, loader, optimizer, scheduler, cfg, device, rank, progress, epoch, total_epochs,
+                                      after_step=(lambda: ema.update(model)) if ema else None)
         record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
 
         def validate() -> None:
             nonlocal best
             metrics = task.evaluate(
-                model, val_set, device=device, scales=tuple(cfg.val_scales), rank=rank, world_size=world,
+                scored, val_set, device=device, scales=tuple(cfg.val_scales), rank=rank, world_size=world,
                 progress=progress and rank == 0,
             ).metrics
             score = metrics[task.score_key]
             record.update({"val_score": score, **{f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)}})
             if rank == 0 and (best is None or score > best["score"]):
                 best = {"epoch": epoch, "score": score}
-                save_model(model, run_dir / "model_best", extra)
+                save_model(scored, run_dir / "model_best", extra)
 
         if epoch % cfg.val_every == 0 or epoch == total_epochs:
             validate()
@@ -393,11 +436,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         record["seconds"] = time.monotonic() - epoch_start
         history.append(record)
         if rank == 0:
-            save_model(model, run_dir / "model_last", extra)
+            save_model(scored, run_dir / "model_last", extra)
             meta = {"epoch": epoch, "history": history, "best": best, "scheduler": scheduler.state_dict(),
                     "total_steps": schedule["total_steps"], "config": dataclasses.asdict(cfg), "world_size": world,
                     "extra": extra}
-            _save_checkpoint(ckpt_path, model, optimizer, meta)
+            _save_checkpoint(ckpt_path, model, optimizer, meta, ema)
             atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2))
         epoch += 1
     if world > 1:
@@ -429,8 +472,9 @@ def _train_one_epoch(
     progress: bool,
     epoch: int,
     total_epochs: int,
+    after_step: Callable[[], None] | None = None,
 ) -> float:
-    """One pass over ``loader``; returns the mean loss per sample."""
+    """One pass over ``loader``; returns the mean loss per sample. ``after_step`` runs after every optimiser step."""
     from rich.progress import Progress
 
     module.train()
@@ -445,6 +489,8 @@ def _train_one_epoch(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                if after_step is not None:
+                    after_step()
             total += loss.item() * len(batch[0])
             count += len(batch[0])
             bar.update(bar_task, advance=1, description=f"epoch {epoch}/{total_epochs} loss {total / count:.4f}")
