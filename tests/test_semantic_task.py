@@ -66,6 +66,20 @@ def test_enet_class_weights_reach_the_loss_with_the_paper_values(tiny_data) -> N
         assert not torch.allclose(_ce(logits, labels, expected), _ce(logits, labels), atol=1e-3)
 
 
+def test_square_root_median_frequency_weights_by_hand(tiny_data) -> None:
+    model = TwoHeads()
+    task, (images, labels, _) = _task(tiny_data, model, class_weights="median_frequency_sqrt")
+    masks = [np.asarray(Image.open(p)) for p in sorted((tiny_data / "train" / "masks").glob("*.png"))]
+    counts = np.array([sum((m == c).sum() for m in masks) for c in range(4)], np.float64)
+    present = np.array([sum(m.size for m in masks if (m == c).any()) for c in range(4)], np.float64)
+    freq = counts / present
+    expected = torch.tensor(np.sqrt(np.median(freq) / freq), dtype=torch.float32)  # sqrt of Eigen & Fergus 2015
+    with torch.no_grad():
+        logits = model(images)
+        torch.testing.assert_close(task.criterion(logits, labels), _ce(logits, labels, expected), atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(_ce(logits, labels, expected), _ce(logits, labels, expected**2), atol=1e-4)
+
+
 def test_a_list_of_class_weights_reaches_the_loss_as_given(tiny_data) -> None:
     model = TwoHeads()
     task, (images, labels, _) = _task(tiny_data, model, class_weights=[0.5, 1.0, 2.0, 4.0])

@@ -92,13 +92,17 @@ def class_weights(cfg: Any, dataset: Any, num_classes: int) -> torch.Tensor | No
         if len(cfg.class_weights) != num_classes:
             raise ValueError(f"class_weights has {len(cfg.class_weights)} values; the data set has {num_classes} classes")
         return torch.tensor(cfg.class_weights, dtype=torch.float32)
-    if cfg.class_weights not in ("median_frequency", "enet"):
-        raise ValueError(f"class_weights={cfg.class_weights!r}: use 'median_frequency', 'enet' or a list of numbers")
+    if cfg.class_weights not in ("median_frequency", "median_frequency_sqrt", "enet"):
+        raise ValueError(f"class_weights={cfg.class_weights!r}: use 'median_frequency', 'median_frequency_sqrt', "
+                         "'enet' or a list of numbers")
     masks = (dataset.read_mask_ids(mask_path) for _, mask_path in dataset.files)
     counts, present = class_pixel_counts(masks, num_classes, dataset.ignore_index)
     if cfg.class_weights == "enet":
         return enet_weights(counts)
-    return median_frequency_weights(counts, present)
+    weights = median_frequency_weights(counts, present)
+    # The square root halves the log-ratios between classes: on CamVid the full weights push road pixels
+    # of an unseen drive to sidewalk (benchmarks/README.md, camvid.py recipe experiments).
+    return weights.sqrt() if cfg.class_weights == "median_frequency_sqrt" else weights
 
 
 @register_task
