@@ -31,8 +31,9 @@ def _config(data: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_resume_after_a_kill_matches_an_unbroken_run(tiny_data, tmp_path, monkeypatch) -> None:
-    unbroken = train(_config(tiny_data, tmp_path / "a"), progress=False)
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_resume_after_a_kill_matches_an_unbroken_run(tiny_data, tmp_path, monkeypatch, ema_decay) -> None:
+    unbroken = train(_config(tiny_data, tmp_path / "a", ema_decay=ema_decay), progress=False)
 
     real_epoch = training._train_one_epoch
 
@@ -43,10 +44,10 @@ def test_resume_after_a_kill_matches_an_unbroken_run(tiny_data, tmp_path, monkey
 
     monkeypatch.setattr(training, "_train_one_epoch", killed_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        train(_config(tiny_data, tmp_path / "b"), progress=False)
+        train(_config(tiny_data, tmp_path / "b", ema_decay=ema_decay), progress=False)
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.endswith(".tmp")]
     monkeypatch.setattr(training, "_train_one_epoch", real_epoch)
-    resumed = train(_config(tiny_data, tmp_path / "b"), resume=True, progress=False)
+    resumed = train(_config(tiny_data, tmp_path / "b", ema_decay=ema_decay), resume=True, progress=False)
 
     a = load_file(tmp_path / "a" / "model_last.safetensors")
     b = load_file(tmp_path / "b" / "model_last.safetensors")
