@@ -225,7 +225,8 @@ def test_kill_9_then_resume_equals_an_unbroken_run(tiny_data, tmp_path, unbroken
     assert _meta(tmp_path)["epoch"] == 1
 
     def writing_checkpoint_3(run: Path) -> bool:
-        return any(run.glob(".checkpoint.safetensors.*.tmp")) and _meta(run)["epoch"] == 2
+        # The meta first: once it reads 2, epoch 2's temp file is renamed, so a temp file is epoch 3's.
+        return _meta(run)["epoch"] == 2 and any(run.glob(".checkpoint.safetensors.*.tmp"))
 
     _kill_when(config, "checkpoint-3", True, writing_checkpoint_3)
     assert [p.stat().st_size for p in tmp_path.glob(".checkpoint.safetensors.*.tmp")] == [0]
