@@ -17,8 +17,9 @@ written as a CamVid-layout folder of symbolic links (``OUT/data``: ``train/`` +
 --data camvid:OUT/data --split val`` reads.
 
 On 2 CPU cores a full-resolution run is out of reach in an hour, so the recipe trains on
-half-size crops (scales 0.4-0.6, 176x240), channels-last, under bfloat16 autocast (on a CPU
-with AMX-BF16 1.7x the samples/s of float32 on one core, with the same loss curve: see
+half-size crops (scales 0.4-0.6, 176x240), channels-last, under bfloat16 autocast where the
+CPU has it natively (``--bf16 auto``: AMX or AVX512-BF16; there 1.7x the samples/s of float32
+on one core, with the same loss curve; elsewhere emulated, 20x slower, so float32: see
 ``benchmarks/README.md``), and evaluates at scale 0.5 with the probabilities resized back to
 full resolution (11 classes, void ignored). The scored model is the last
 checkpoint (``OUT/model_last.safetensors``): picking the best one by its score on the
@@ -34,16 +35,18 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from pixelwise.data import eval_transform, open_dataset
 from pixelwise.models import load_model
 from pixelwise.report import format_metrics
 from pixelwise.tasks import get_task
-from pixelwise.training import TrainConfig, train
+from pixelwise.training import TrainConfig, native_bf16, train
 
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
 MEAN, STD = [0.412, 0.425, 0.433], [0.307, 0.312, 0.307]  # CamVid train split, measured
 RECIPE = "unet16-half-sqrtmf"  # the defaults below: U-Net (16 base channels), half-size crops, AdamW,
-# square-root median-frequency weights (the full weights took an unseen drive's road for sidewalk), channels-last, bf16 autocast
+# square-root median-frequency weights (the full weights took an unseen drive's road for sidewalk), channels-last, bf16 autocast where native
 
 
 def sequence_holdout(root: Path, sequence: str, out: Path) -> Path:
@@ -91,12 +94,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                         help="NCHW training (channels-last, the default, trains U-Net 1.37x faster: benchmarks/train_speed.py)")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
-                        help="train in float32 instead of bfloat16 autocast (fp32 weights either way)")
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                        help="bfloat16 autocast (fp32 weights either way); auto: on where it is native (GPU, AVX512-BF16/AMX CPU)")
     parser.add_argument("--eval-scale", type=float, default=0.5, help="test-time scale (match the training scales)")
     parser.add_argument("--recipe", default=None, help=f"name printed in the table (default: {RECIPE}, or 'custom' when options differ)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_camvid"))
     args = parser.parse_args()
+    bf16 = native_bf16(torch.device("cpu")) if args.bf16 == "auto" else args.bf16 == "on"
     if not (args.root / "train").is_dir():
         raise SystemExit(f"CamVid not found at {args.root}; pass --root")
     custom = [a for a in ("model", "model_args", "crop", "scale", "color_jitter", "batch", "lr", "optimizer", "loss", "class_weights",
@@ -115,7 +119,7 @@ def main() -> None:
         class_weights=None if args.class_weights == "none" else
         json.loads(args.class_weights) if args.class_weights.startswith("[") else args.class_weights,
         mean=MEAN, std=STD, val_every=args.val_every, val_scales=[args.eval_scale], threads=args.threads, workers=args.workers,
-        channels_last=args.channels_last, bf16=args.bf16, ema_decay=args.ema_decay, seed=args.seed,
+        channels_last=args.channels_last, bf16=bf16, ema_decay=args.ema_decay, seed=args.seed,
     )
     started = time.monotonic()
     result = train(cfg)
@@ -132,7 +136,7 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     train_frames = len(open_dataset(data, "train"))
     print(f"recipe {recipe}: {args.model} {args.model_args}, {params / 1e6:.2f}M parameters, {train_frames} train frames, "
-          f"{len(result['history'])} epochs in {train_minutes:.1f} min\n")
+          f"{len(result['history'])} epochs in {train_minutes:.1f} min, bf16 {'on' if cfg.bf16 else 'off'}\n")
     print("| scored on | frames | global acc | class acc | mIoU |")
     print("|---|---|---|---|---|")
     for name, (frames, m) in results.items():

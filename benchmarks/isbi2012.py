@@ -11,8 +11,8 @@ that scored best on these slices) on the last five slices (``val``) with overlap
 valid U-Net with the padded U-Net (batch norm), each with and without the boundary weight
 map (w0 = 10, sigma = 5 px). Columns: Rand error (1 - adapted Rand F-score of the cell
 segments), variation of information (bits), pixel error, mIoU, training minutes, epochs.
-Every row trains channels-last under bfloat16 autocast (``--no-channels-last``,
-``--no-bf16`` for NCHW float32), as ``benchmarks/camvid.py`` does.
+Every row trains channels-last (``--no-channels-last`` for NCHW), under bfloat16 autocast
+where the CPU has it natively (``--bf16 auto|on|off``), as ``benchmarks/camvid.py`` does.
 The U-Net paper reports Rand error 0.0382 and pixel error 0.0611 on the challenge's test
 stack (a 64-channel network trained for hours on a GPU).
 """
@@ -23,9 +23,11 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+
 from pixelwise.models import load_model
 from pixelwise.tasks import get_task
-from pixelwise.training import TrainConfig, train
+from pixelwise.training import TrainConfig, native_bf16, train
 
 ISBI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012"
 ROWS = {  # name: (model, weight map)
@@ -48,9 +50,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="NCHW training")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 instead of bfloat16 autocast")
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                        help="bfloat16 autocast (fp32 weights either way); auto: on where it is native (GPU, AVX512-BF16/AMX CPU)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_isbi2012"))
     args = parser.parse_args()
+    bf16 = native_bf16(torch.device("cpu")) if args.bf16 == "auto" else args.bf16 == "on"
     if not (args.root / "images").is_dir():
         raise SystemExit(f"ISBI 2012 not found at {args.root}; pass --root")
 
@@ -63,7 +67,7 @@ def main() -> None:
             model_args={"base_channels": args.base_channels}, epochs=args.epochs, max_minutes=args.minutes,
             batch_size=args.batch, crop_size=[args.crop, args.crop], scale_range=[0.8, 1.2], elastic="grid",
             optimizer="adamw", lr=args.lr, unet_weight_map=weight_map, val_every=5, threads=args.threads,
-            channels_last=args.channels_last, bf16=args.bf16,
+            channels_last=args.channels_last, bf16=bf16,
         )
         started = time.monotonic()
         result = train(cfg, progress=False)

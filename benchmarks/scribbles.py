@@ -8,12 +8,14 @@ Every row trains the same model from scratch for the same time budget (``max_min
 ScribbleSup's propagation between rounds counts against it), or with ``--minutes 0`` for
 the same number of epochs (fairer on a shared machine), on CamVid at half resolution
 (180 x 240, images and masks resized once into ``OUT/dense``) or on ``--data``,
-channels-last under bfloat16 autocast as in ``benchmarks/camvid.py`` (``--no-channels-last``,
-``--no-bf16``). Strokes are simulated once from the train masks (``OUT/scribbles``,
+channels-last, under bfloat16 autocast where the CPU has it natively, as in
+``benchmarks/camvid.py`` (``--no-channels-last``, ``--bf16 auto|on|off``). Strokes are simulated once from the train masks (``OUT/scribbles``,
 :func:`pixelwise.data.scribbles.write_scribble_dataset`) and shared by the scribble rows.
 Rows: full masks (plain cross-entropy, the loss of the scribble rows, and with
 median-frequency class weights as in ``benchmarks/camvid.py``); partial CE on the strokes; ScribbleSup after each of its rounds (val
-mIoU at the round's last epoch); the regularized loss.
+mIoU at the round's last epoch; ``--first-round scribbles`` trains round 1 on the strokes
+alone instead of appearance-propagated labels, ``--scribblesup-weights median_frequency``
+weighs each round's labels by their class frequencies); the regularized loss.
 Columns: labelled fraction of the training pixels, propagated-label mIoU against the true
 train masks (ScribbleSup rounds, measured at the start of the round), val mIoU (last epoch,
 half-resolution val, 11 classes, void ignored), ratio to the better full-mask row.
@@ -29,12 +31,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pixelwise.data import ClassInfo, open_dataset, write_classes_file
 from pixelwise.data.scribbles import check_scribbles, open_scribbles, write_scribble_dataset
 from pixelwise.io import write_mask
-from pixelwise.training import TrainConfig, train
+from pixelwise.training import TrainConfig, native_bf16, train
 
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
 MEAN, STD = [0.412, 0.425, 0.433], [0.307, 0.312, 0.307]  # CamVid train split, measured (benchmarks/camvid.py)
@@ -75,15 +78,21 @@ def main() -> None:
     parser.add_argument("--min-area", type=int, default=50, help="regions smaller than this get no stroke")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--superpixel-size", type=int, default=100, help="ScribbleSup: mean pixels per superpixel")
+    parser.add_argument("--first-round", default="appearance", choices=["appearance", "scribbles"],
+                        help="ScribbleSup round 1: labels propagated with appearance models, or the strokes alone")
+    parser.add_argument("--scribblesup-weights", default=None, choices=["median_frequency"],
+                        help="ScribbleSup: class weights computed from each round's propagated labels")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="NCHW training")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 instead of bfloat16 autocast")
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                        help="bfloat16 autocast (fp32 weights either way); auto: on where it is native (GPU, AVX512-BF16/AMX CPU)")
     parser.add_argument("--rows", nargs="+", default=["full", "full_mf", "partial_ce", "scribblesup", "regularized"],
                         choices=["full", "full_mf", "partial_ce", "scribblesup", "regularized"])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_scribbles"))
     args = parser.parse_args()
+    bf16 = native_bf16(torch.device("cpu")) if args.bf16 == "auto" else args.bf16 == "on"
     if args.data is not None:
         dense, name, crop = args.data, str(args.data), args.crop
     elif (args.root / "train").is_dir():
@@ -104,12 +113,15 @@ def main() -> None:
             out=str(args.out / row), model=args.model, model_args=json.loads(args.model_args), epochs=args.epochs,
             max_minutes=args.minutes or None, batch_size=args.batch, optimizer="adamw", lr=args.lr, weight_decay=1e-4,
             scale_range=[0.75, 1.25], crop_size=crop, mean=MEAN, std=STD, val_every=1, threads=args.threads,
-            channels_last=args.channels_last, bf16=args.bf16,
+            channels_last=args.channels_last, bf16=bf16,
         )
         if row in ("full", "full_mf"):
             cfg = TrainConfig(data=str(dense), class_weights="median_frequency" if row == "full_mf" else None, **common)
         else:
-            cfg = TrainConfig(data=str(scribbles), task="scribbles", task_args={"method": row, "rounds": args.rounds, "superpixel_size": args.superpixel_size}, **common)
+            task_args = {"method": row, "rounds": args.rounds, "superpixel_size": args.superpixel_size,
+                         "first_round": args.first_round} if row == "scribblesup" else {"method": row}
+            weights = args.scribblesup_weights if row == "scribblesup" else None
+            cfg = TrainConfig(data=str(scribbles), task="scribbles", task_args=task_args, class_weights=weights, **common)
         started = time.monotonic()
         history = train(cfg, progress=False)["history"]
         minutes = (time.monotonic() - started) / 60
@@ -123,7 +135,8 @@ def main() -> None:
         for r, record in enumerate(rounds):
             end = rounds[r + 1]["epoch"] - 1 if r + 1 < len(rounds) else history[-1]["epoch"]
             at = next(h for h in history if h["epoch"] == end)
-            rows.append((f"ScribbleSup round {record['round']}", fraction, record.get("mean_iou"), at["val_mean_iou"], end,
+            strokes = "" if record["propagated"] else " (on the strokes)"
+            rows.append((f"ScribbleSup round {record['round']}{strokes}", fraction, record.get("mean_iou"), at["val_mean_iou"], end,
                          minutes if r + 1 == len(rounds) else None))
 
     full = max((r[3] for r in rows if r[0].startswith("full masks")), default=None)  # the better full-mask row

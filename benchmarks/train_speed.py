@@ -165,8 +165,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(work(json.loads(args.worker))))
         return
-    if args.compare_steps > args.warmup + args.steps:
-        raise SystemExit("--compare-steps must not exceed --warmup + --steps (the steps that are run)")
+    if not 1 <= args.compare_steps <= args.warmup + args.steps:
+        raise SystemExit("--compare-steps must be at least 1 and at most --warmup + --steps (the steps that are run)")
 
     print(f"# pixelwise training step: torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs; "
           f"batch {args.batch} x 3 x {args.size} x {args.size}, {NUM_CLASSES} classes, AdamW; "

@@ -84,6 +84,7 @@ def _config(data, out, method, **task_args):
 
 
 @pytest.mark.parametrize("task_args, match", [({"method": "boxes"}, "method"), ({"rounds": 0}, "rounds"),
+                                              ({"first_round": "masks"}, "first_round"),
                                               ({"colour": 1}, "unknown task_args colour")])
 def test_scribble_task_rejects_bad_options(task_args, match):
     from pixelwise.tasks.scribbles import scribble_options
@@ -98,6 +99,10 @@ def test_scribble_task_refuses_semantic_loss_options(shapes, tmp_path):
     cfg = _config(shapes, tmp_path, "partial_ce")
     cfg.loss = "dice"
     with pytest.raises(ValueError, match="picks its loss from task_args.method"):
+        train(cfg, progress=False)
+    cfg = _config(shapes, tmp_path, "partial_ce")
+    cfg.class_weights = "median_frequency"  # only ScribbleSup's dense labels have a class balance to weigh
+    with pytest.raises(ValueError, match="class_weights= unless the method is scribblesup"):
         train(cfg, progress=False)
     assert not (tmp_path / "checkpoint.safetensors").exists()
 
@@ -147,3 +152,31 @@ def test_scribblesup_rounds_propagate_score_and_report(shapes, tmp_path):
     assert 0 < rounds[0]["labelled_fraction"] < 0.2
     grid = Image.open(tmp_path / "run" / "propagation_round2.png")
     assert grid.size == (3 * 64 + 2 * 4, 4 * 48 + 3 * 4)  # image | scribbles | labels, 4 training images
+
+
+def test_scribblesup_first_round_on_the_strokes_then_class_weights_of_each_rounds_labels(shapes, tmp_path):
+    from pixelwise.losses import class_pixel_counts, median_frequency_weights
+    from pixelwise.models import create_model
+    from pixelwise.tasks import get_task
+
+    cfg = _config(shapes, tmp_path, "scribblesup", rounds=2, first_round="scribbles", superpixel_size=30)
+    cfg.class_weights = "median_frequency"
+    task = get_task("scribbles")
+    train_set, _ = task.datasets(cfg)
+    model = create_model("unet", num_classes=4, base_channels=4, depth=2)
+    task.setup(cfg, train_set, model, torch.device("cpu"))
+    strokes = [train_set.read_pair(i)[1] for i in range(len(train_set))]
+
+    def weights_of(labels):
+        return median_frequency_weights(*class_pixel_counts(labels, 4, 255))
+
+    task.start_epoch(1, model, train_set)  # round 1 (epoch 1 of 2): the strokes alone
+    assert train_set.labels is None and (task.collate([train_set[0]])[1] != 255).float().mean() < 0.3
+    assert torch.allclose(task.criterion.weight, weights_of(strokes))
+    task.start_epoch(2, model, train_set)  # round 2: propagated with the network's predictions
+    assert len(train_set.labels) == 8 and all((y != 255).all() for y in train_set.labels)
+    assert torch.allclose(task.criterion.weight, weights_of(train_set.labels))
+    assert not torch.allclose(weights_of(strokes), weights_of(train_set.labels))
+    rounds = json.loads((tmp_path / "propagation.json").read_text())
+    assert [(r["round"], r["propagated"], "mean_iou" in r) for r in rounds] == [(1, False, False), (2, True, True)]
+    assert not (tmp_path / "propagation" / "round1").exists() and len(list((tmp_path / "propagation" / "round2").iterdir())) == 8

@@ -58,8 +58,11 @@ def test_resume_after_a_kill_matches_an_unbroken_run(tiny_data, tmp_path, monkey
     assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in unbroken["history"]]
 
 
-def test_poly_schedule_counts_accumulated_steps(tiny_data, tmp_path) -> None:
+def test_poly_schedule_counts_accumulated_steps(tiny_data, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # a CPU without native bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     result = train(_config(tiny_data, tmp_path, epochs=2, batch_size=2, accumulate=2, bf16=True, lr=0.01), progress=False)
+    assert "bf16=true on a CPU without AVX512-BF16 or AMX" in capsys.readouterr().out  # emulated there: the run says so
     # 8 samples / batch 2 = 4 batches -> 2 optimiser steps per epoch; poly(0.9) after 2 of 4 steps.
     assert result["steps_per_epoch"] == 2
     assert result["history"][0]["lr"] == pytest.approx(0.01 * (1 - 2 / 4) ** 0.9)

@@ -6,11 +6,16 @@ Methods (``task_args.method``):
 - ``scribblesup``: ScribbleSup (Lin et al., CVPR 2016): training is split into ``rounds``
   equal rounds (of ``epochs``, or of ``max_minutes`` when a time budget is set: a round
   starts at the first epoch after its share of the budget); each round starts by propagating the scribbles over each training
-  image's superpixel graph (:func:`pixelwise.weak.propagate_labels`; round 1 with appearance
-  models, later rounds with the network's predictions averaged per superpixel), then
-  trains with cross-entropy on the propagated labels. Each round's labels are written to
+  image's superpixel graph (:func:`pixelwise.weak.propagate_labels`, with the network's
+  predictions averaged per superpixel), then trains with cross-entropy on the propagated
+  labels (weighted by ``class_weights`` computed from them, if given). Round 1 has no
+  network to ask yet: ``first_round="appearance"`` propagates with appearance models of the
+  scribbled superpixels instead; ``first_round="scribbles"`` trains round 1 on the strokes
+  alone (partial cross-entropy), so round 2 propagates with a network that has learnt from
+  them (the paper starts from an ImageNet network; from scratch this is our stand-in).
+  Each round's labels are written to
   ``OUT/propagation/roundR/`` and scored in ``OUT/propagation.json`` (mIoU against the true
-  masks when the data set has them); the report draws one overlay per round.
+  masks when the data set has them); the report draws one overlay per propagated round.
 - ``regularized``: partial cross-entropy + a dense-CRF regulariser on the softmax
   (Tang et al., ECCV 2018; :class:`pixelwise.weak.regularized.RegularizedLoss`).
 
@@ -39,13 +44,15 @@ from pixelwise.io import atomic_write_text, read_image, read_mask, write_mask
 from pixelwise.losses import CrossEntropyLoss, PartialCrossEntropyLoss
 from pixelwise.metrics import ConfusionMatrix
 from pixelwise.tasks.base import register_task
-from pixelwise.tasks.semantic import SemanticTask
+from pixelwise.tasks.semantic import SemanticTask, class_weights
 from pixelwise.weak.regularized import RegularizedLoss
 
 METHODS = ("partial_ce", "scribblesup", "regularized")
+FIRST_ROUNDS = ("appearance", "scribbles")
 DEFAULTS: dict[str, Any] = {
     "method": "scribblesup",
     "rounds": 3,  # ScribbleSup: "three rounds suffice"
+    "first_round": "appearance",  # or "scribbles": round 1 trains on the strokes alone
     # simulated strokes (when the data set has no scribbles/ folder)
     "density": 0.5,
     "width": 3,
@@ -74,6 +81,8 @@ def scribble_options(task_args: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"task_args.method={opts['method']!r}: use one of {', '.join(METHODS)}")
     if not isinstance(opts["rounds"], int) or opts["rounds"] < 1:
         raise ValueError(f"task_args.rounds={opts['rounds']!r} must be a whole number >= 1")
+    if opts["first_round"] not in FIRST_ROUNDS:
+        raise ValueError(f"task_args.first_round={opts['first_round']!r}: use one of {', '.join(FIRST_ROUNDS)}")
     return opts
 
 
@@ -110,10 +119,11 @@ class ScribbleTask(SemanticTask):
 
     def setup(self, cfg: Any, train_set: Any, model: nn.Module, device: torch.device) -> None:
         self.opts = scribble_options(cfg.task_args)
-        if cfg.loss != "ce" or cfg.class_weights is not None or cfg.unet_weight_map:
+        weights_allowed = self.opts["method"] == "scribblesup"
+        if cfg.loss != "ce" or (cfg.class_weights is not None and not weights_allowed) or cfg.unet_weight_map:
             raise ValueError("task=scribbles picks its loss from task_args.method (partial_ce, scribblesup, regularized); "
-                             "drop loss=, class_weights= and unet_weight_map=")
-        self.run_dir, self.device = Path(cfg.out), device
+                             "drop loss= and unet_weight_map=, and class_weights= unless the method is scribblesup")
+        self.cfg, self.run_dir, self.device = cfg, Path(cfg.out), device
         self.mean, self.std, self.scales = cfg.mean, cfg.std, tuple(cfg.val_scales)
         self.round_epochs = math.ceil(cfg.epochs / self.opts["rounds"])
         self.round_seconds = None if cfg.max_minutes is None else 60 * cfg.max_minutes / self.opts["rounds"]
@@ -166,10 +176,12 @@ class ScribbleTask(SemanticTask):
 
     @torch.no_grad()
     def propagate(self, round_: int, model: nn.Module, train_set: ScribbleDataset, epoch: int = 1) -> dict[str, Any]:
-        """Propagated labels of every training image for ``round_`` (stored on ``train_set.labels``)."""
+        """Propagated labels of every training image for ``round_`` (stored on ``train_set.labels``;
+        None, the strokes themselves, in round 1 with ``first_round="scribbles"``)."""
         from pixelwise.weak import build_superpixel_graph, propagate_labels  # the weak extra
 
         o, k, ignore = self.opts, train_set.num_classes, train_set.ignore_index
+        strokes_only = round_ == 1 and o["first_round"] == "scribbles"
         to_tensor = eval_transform(mean=self.mean, std=self.std)
         was_training = model.training
         model.eval()
@@ -177,6 +189,11 @@ class ScribbleTask(SemanticTask):
         score = ConfusionMatrix(k, ignore)
         for i in range(len(train_set)):
             image, scribbles = train_set.read_pair(i)
+            marked += int((scribbles != ignore).sum())
+            pixels += scribbles.size
+            if strokes_only:
+                labels.append(scribbles)
+                continue
             if i not in self.graphs:
                 self.graphs[i] = build_superpixel_graph(image, o["superpixel_size"])
             prob = None
@@ -185,37 +202,41 @@ class ScribbleTask(SemanticTask):
                 prob = predict(model, x, scales=self.scales)[0].float().cpu().numpy()
             y = propagate_labels(self.graphs[i], scribbles, k, ignore, prob=prob, pairwise_weight=o["pairwise_weight"])
             labels.append(y.astype(np.uint8))
-            marked += int((scribbles != ignore).sum())
-            pixels += scribbles.size
             truth = train_set.true_mask(i)
             if truth is not None:
                 score.update(torch.from_numpy(y)[None], torch.from_numpy(truth)[None])
         model.train(was_training)
-        train_set.labels, self.round = labels, round_
+        if self.cfg.class_weights is not None:  # class balance of the labels this round trains on
+            weights = class_weights(self.cfg, train_set, k, masks=labels)
+            self.criterion = CrossEntropyLoss(weight=weights, ignore_index=ignore).to(self.device)
+        train_set.labels, self.round = (None if strokes_only else labels), round_
         record: dict[str, Any] = {"round": round_, "epoch": epoch, "images": len(labels),
-                                  "labelled_fraction": marked / max(pixels, 1)}
-        if train_set.dense is not None:
+                                  "labelled_fraction": marked / max(pixels, 1), "propagated": not strokes_only}
+        if train_set.dense is not None and not strokes_only:
             m = score.compute()
             record.update({"mean_iou": m["mean_iou"], "pixel_accuracy": m["pixel_accuracy"]})
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            self._write_round(round_, labels, train_set, record)
+            self._write_round(round_, None if strokes_only else labels, train_set, record)
         return record
 
-    def _write_round(self, round_: int, labels: list[np.ndarray], train_set: ScribbleDataset, record: dict[str, Any]) -> None:
-        """Labels of every image into ``propagation/roundR/``; the first 4 images' scribbles into
+    def _write_round(self, round_: int, labels: list[np.ndarray] | None, train_set: ScribbleDataset,
+                     record: dict[str, Any]) -> None:
+        """The round's record into ``propagation.json``; its labels (None: a round on the strokes alone,
+        nothing to write) into ``propagation/roundR/``, the first 4 images' scribbles into
         ``propagation/scribbles/`` and their paths into the record, for the report's overlays."""
-        folder, scribble_dir = self.run_dir / PROPAGATION / f"round{round_}", self.run_dir / PROPAGATION / "scribbles"
-        folder.mkdir(parents=True, exist_ok=True)
-        scribble_dir.mkdir(parents=True, exist_ok=True)
         shown = []
-        for i, ((image_path, _), y) in enumerate(zip(train_set.files, labels)):
-            stem = Path(image_path).stem
-            write_mask(folder / f"{stem}.png", y, train_set.palette)
-            if i < 4:
-                scribbles = train_set.read_pair(i)[1].astype(np.uint8)
-                write_mask(scribble_dir / f"{stem}.png", scribbles, train_set.palette)
-                shown.append({"image": str(image_path), "scribbles": str(scribble_dir / f"{stem}.png"),
-                              "labels": str(folder / f"{stem}.png")})
+        if labels is not None:
+            folder, scribble_dir = self.run_dir / PROPAGATION / f"round{round_}", self.run_dir / PROPAGATION / "scribbles"
+            folder.mkdir(parents=True, exist_ok=True)
+            scribble_dir.mkdir(parents=True, exist_ok=True)
+            for i, ((image_path, _), y) in enumerate(zip(train_set.files, labels)):
+                stem = Path(image_path).stem
+                write_mask(folder / f"{stem}.png", y, train_set.palette)
+                if i < 4:
+                    scribbles = train_set.read_pair(i)[1].astype(np.uint8)
+                    write_mask(scribble_dir / f"{stem}.png", scribbles, train_set.palette)
+                    shown.append({"image": str(image_path), "scribbles": str(scribble_dir / f"{stem}.png"),
+                                  "labels": str(folder / f"{stem}.png")})
         record["shown"] = shown
         rounds = [r for r in propagation_rounds(self.run_dir) if r["round"] != round_] + [record]
         atomic_write_text(self.run_dir / f"{PROPAGATION}.json", json.dumps(sorted(rounds, key=lambda r: r["round"]), indent=2))

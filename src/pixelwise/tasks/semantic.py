@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -84,8 +86,9 @@ class _EdgeScorer:
         return None
 
 
-def class_weights(cfg: Any, dataset: Any, num_classes: int) -> torch.Tensor | None:
-    """``cfg.class_weights`` as a (K,) tensor: a list as given, or computed from the masks."""
+def class_weights(cfg: Any, dataset: Any, num_classes: int, masks: Iterable[np.ndarray] | None = None) -> torch.Tensor | None:
+    """``cfg.class_weights`` as a (K,) tensor: a list as given, or computed from the data set's masks
+    (or from ``masks``, label maps (H, W), e.g. ScribbleSup's propagated labels)."""
     if cfg.class_weights is None:
         return None
     if isinstance(cfg.class_weights, list):
@@ -95,7 +98,8 @@ def class_weights(cfg: Any, dataset: Any, num_classes: int) -> torch.Tensor | No
     if cfg.class_weights not in ("median_frequency", "median_frequency_sqrt", "enet"):
         raise ValueError(f"class_weights={cfg.class_weights!r}: use 'median_frequency', 'median_frequency_sqrt', "
                          "'enet' or a list of numbers")
-    masks = (dataset.read_mask_ids(mask_path) for _, mask_path in dataset.files)
+    if masks is None:
+        masks = (dataset.read_mask_ids(mask_path) for _, mask_path in dataset.files)
     counts, present = class_pixel_counts(masks, num_classes, dataset.ignore_index)
     if cfg.class_weights == "enet":
         return enet_weights(counts)
