@@ -113,9 +113,10 @@ def test_instance_task_refuses_a_dense_model(tmp_path) -> None:
 
 def test_tiny_maskrcnn_overfits_four_images_to_mask_ap50_above_0_9() -> None:
     """Issue 13's overfitting check: a small Mask R-CNN (R18-FPN-32) learns four synthetic 64 x 64
-    images to mask AP50 > 0.9 on those images within 120 AdamW steps (one-cycle schedule). One
-    thread, so the run is the same on every machine; the best of the evaluations at steps 100
-    and 120 counts, since AP50 over 13 objects moves by 0.08 per instance."""
+    images to mask AP50 > 0.9 on those images within 160 AdamW steps (one-cycle schedule). One
+    thread; the best of the evaluations at steps 120, 140 and 160 counts, since AP50 over 13
+    objects moves by 0.08 per instance and float rounding differs between CPUs (with 120 steps an
+    AVX2 EPYC ended at 0.865, a Xeon above 0.9; with 160: 1.0, 0.926, 0.926 on the EPYC)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -125,16 +126,16 @@ def test_tiny_maskrcnn_overfits_four_images_to_mask_ap50_above_0_9() -> None:
         images, targets = task.collate([dataset[i] for i in range(4)])
         model = create_model("maskrcnn", num_classes=3, **{**TINY, "fpn_channels": 32, "representation_size": 64, "mask_channels": 32})
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4, foreach=True)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=120, pct_start=0.1)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=160, pct_start=0.1)
         ap50 = []
-        for step in range(1, 121):
+        for step in range(1, 161):
             model.train()
             loss = sum(model(images, targets).values())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
-            if step in (100, 120):
+            if step in (120, 140, 160):
                 ap50.append(coco_instance_metrics([detect(model, im) for im in images], targets, 3)["mask_ap50"])
     finally:
         torch.set_num_threads(threads)
