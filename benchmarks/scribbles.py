@@ -9,7 +9,8 @@ ScribbleSup's propagation between rounds counts against it), or with ``--minutes
 the same number of epochs (fairer on a shared machine), on CamVid at half resolution
 (180 x 240, images and masks resized once into ``OUT/dense``) or on ``--data``,
 channels-last, under bfloat16 autocast where the CPU has it natively, as in
-``benchmarks/camvid.py`` (``--no-channels-last``, ``--bf16 auto|on|off``). Strokes are simulated once from the train masks (``OUT/scribbles``,
+``benchmarks/camvid.py`` (``--no-channels-last``, ``--bf16 auto|on|off``). Strokes are
+simulated once from the train masks (``OUT/scribbles``,
 :func:`pixelwise.data.scribbles.write_scribble_dataset`) and shared by the scribble rows.
 Rows: full masks (plain cross-entropy, the loss of the scribble rows, and with
 median-frequency class weights as in ``benchmarks/camvid.py``); partial CE on the strokes; ScribbleSup after each of its rounds (val
