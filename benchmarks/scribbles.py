@@ -16,7 +16,8 @@ Rows: full masks (plain cross-entropy, the loss of the scribble rows, and with
 median-frequency class weights as in ``benchmarks/camvid.py``); partial CE on the strokes; ScribbleSup after each of its rounds (val
 mIoU at the round's last epoch; ``--first-round scribbles`` trains round 1 on the strokes
 alone instead of appearance-propagated labels, ``--scribblesup-weights median_frequency``
-weighs each round's labels by their class frequencies); the regularized loss.
+weighs each round's labels by their class frequencies, ``--stroke-weight W`` adds W x partial
+CE on the strokes to each propagated round's loss); the regularized loss.
 Columns: labelled fraction of the training pixels, propagated-label mIoU against the true
 train masks (ScribbleSup rounds, measured at the start of the round), val mIoU (last epoch,
 half-resolution val, 11 classes, void ignored), ratio to the better full-mask row.
@@ -83,6 +84,8 @@ def main() -> None:
                         help="ScribbleSup round 1: labels propagated with appearance models, or the strokes alone")
     parser.add_argument("--scribblesup-weights", default=None, choices=["median_frequency"],
                         help="ScribbleSup: class weights computed from each round's propagated labels")
+    parser.add_argument("--stroke-weight", type=float, default=0.0,
+                        help="ScribbleSup: weight of partial CE on the strokes beside CE on the propagated labels")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--threads", type=int, default=None)
@@ -119,8 +122,10 @@ def main() -> None:
         if row in ("full", "full_mf"):
             cfg = TrainConfig(data=str(dense), class_weights="median_frequency" if row == "full_mf" else None, **common)
         else:
-            task_args = {"method": row, "rounds": args.rounds, "superpixel_size": args.superpixel_size,
-                         "first_round": args.first_round} if row == "scribblesup" else {"method": row}
+            task_args = {"method": row}
+            if row == "scribblesup":
+                task_args.update(rounds=args.rounds, superpixel_size=args.superpixel_size, first_round=args.first_round,
+                                 stroke_weight=args.stroke_weight)
             weights = args.scribblesup_weights if row == "scribblesup" else None
             cfg = TrainConfig(data=str(scribbles), task="scribbles", task_args=task_args, class_weights=weights, **common)
         started = time.monotonic()

@@ -85,6 +85,7 @@ def _config(data, out, method, **task_args):
 
 @pytest.mark.parametrize("task_args, match", [({"method": "boxes"}, "method"), ({"rounds": 0}, "rounds"),
                                               ({"first_round": "masks"}, "first_round"),
+                                              ({"stroke_weight": -1}, "stroke_weight"),
                                               ({"colour": 1}, "unknown task_args colour")])
 def test_scribble_task_rejects_bad_options(task_args, match):
     from pixelwise.tasks.scribbles import scribble_options
@@ -180,3 +181,35 @@ def test_scribblesup_first_round_on_the_strokes_then_class_weights_of_each_round
     rounds = json.loads((tmp_path / "propagation.json").read_text())
     assert [(r["round"], r["propagated"], "mean_iou" in r) for r in rounds] == [(1, False, False), (2, True, True)]
     assert not (tmp_path / "propagation" / "round1").exists() and len(list((tmp_path / "propagation" / "round2").iterdir())) == 8
+
+
+def test_scribblesup_stroke_weight_packs_strokes_and_adds_their_partial_ce(shapes, tmp_path):
+    import torch.nn.functional as F
+
+    from pixelwise.data import eval_transform
+    from pixelwise.data.scribbles import STROKE_OFFSET
+    from pixelwise.models import create_model
+    from pixelwise.tasks import get_task
+    from pixelwise.tasks.scribbles import LabelsAndStrokesLoss
+
+    # The loss on a hand-made target: class 1 stroked at (0, 0), propagated labels elsewhere, one pixel unlabelled.
+    logits = torch.randn(1, 3, 2, 2)
+    packed = torch.tensor([[[STROKE_OFFSET + 1, 2], [0, 255]]])
+    ce = F.cross_entropy(logits, torch.tensor([[[1, 2], [0, 255]]]), reduction="none", ignore_index=255)[0]
+    expected = (ce[0, 0] + ce[0, 1] + ce[1, 0]) / 3 + 0.5 * ce[0, 0]
+    assert LabelsAndStrokesLoss(0.5, 255)(logits, packed).item() == pytest.approx(expected.item(), rel=1e-6)
+
+    cfg = _config(shapes, tmp_path, "scribblesup", rounds=2, first_round="scribbles", superpixel_size=30, stroke_weight=0.5)
+    task = get_task("scribbles")
+    train_set, _ = task.datasets(cfg)
+    train_set.transform = eval_transform()  # no random flips: compare pixel for pixel
+    model = create_model("unet", num_classes=4, base_channels=4, depth=2)
+    task.setup(cfg, train_set, model, torch.device("cpu"))
+    task.start_epoch(1, model, train_set)  # round 1: the strokes alone, nothing packed
+    strokes = train_set.read_pair(0)[1]
+    assert (train_set[0][1].numpy() == strokes).all()
+    task.start_epoch(2, model, train_set)  # round 2: propagated labels, strokes packed over them
+    target, marked = train_set[0][1].numpy(), strokes != 255
+    assert (target[marked] == STROKE_OFFSET + strokes[marked]).all()
+    assert (target[~marked] == train_set.labels[0][~marked]).all() and (target[~marked] < 4).all()
+    assert isinstance(task.criterion, LabelsAndStrokesLoss) and task.criterion.stroke_weight == 0.5

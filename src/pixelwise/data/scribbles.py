@@ -42,6 +42,7 @@ from pixelwise.data.transforms import TrainTransform, eval_transform
 from pixelwise.io import atomic_folder, write_mask
 
 SCRIBBLES = "scribbles"
+STROKE_OFFSET = 1 << 15  # packed targets: a stroke pixel of class c is STROKE_OFFSET + c
 
 
 def is_scribble_folder(spec: str | Path, split: str = "train") -> bool:
@@ -53,7 +54,9 @@ class ScribbleDataset(Dataset):
     """Training images with sparse labels: ``(image, target)`` through ``transform``.
 
     The target is the scribble map, or, once :attr:`labels` is set (ScribbleSup's propagated
-    labels, one (H, W) array per image), those labels. Carries the class description of a
+    labels, one (H, W) array per image), those labels; with :attr:`mark_strokes` also set, the
+    labels with every stroke pixel of class c packed as ``STROKE_OFFSET + c`` (a loss that
+    treats strokes and propagated pixels apart unpacks them). Carries the class description of a
     :class:`~pixelwise.data.SegmentationDataset` (``class_names``, ``palette``,
     ``num_classes``, ``ignore_index``, ``files``).
 
@@ -83,6 +86,7 @@ class ScribbleDataset(Dataset):
             transform = transform.with_ignore_index(self.ignore_index)
         self.transform = transform or eval_transform()
         self.labels: list[np.ndarray] | None = None
+        self.mark_strokes = False
 
     def __len__(self) -> int:
         return len(self.source)
@@ -110,8 +114,13 @@ class ScribbleDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, scribbles = self.read_pair(index)
-        target = scribbles if self.labels is None else self.labels[index]
-        return self.transform(image, np.asarray(target, dtype=np.int64))
+        if self.labels is None:
+            return self.transform(image, scribbles)
+        target = np.asarray(self.labels[index], dtype=np.int64)
+        if self.mark_strokes:
+            strokes = scribbles != self.ignore_index
+            target = np.where(strokes, STROKE_OFFSET + scribbles, target)
+        return self.transform(image, target)
 
 
 def open_scribbles(spec: str | Path, split: str = "train", transform: Transform | None = None) -> ScribbleDataset:

@@ -13,6 +13,10 @@ Methods (``task_args.method``):
   scribbled superpixels instead; ``first_round="scribbles"`` trains round 1 on the strokes
   alone (partial cross-entropy), so round 2 propagates with a network that has learnt from
   them (the paper starts from an ImageNet network; from scratch this is our stand-in).
+  ``stroke_weight`` > 0 adds that times partial cross-entropy on the stroke pixels to the
+  loss of every propagated round (:class:`LabelsAndStrokesLoss`; not in the paper: the
+  strokes are certain where the propagated labels are guesses, and they reach every region,
+  thin ones included, so they keep a class balance the dense labels lose).
   Each round's labels are written to
   ``OUT/propagation/roundR/`` and scored in ``OUT/propagation.json`` (mIoU against the true
   masks when the data set has them); the report draws one overlay per propagated round.
@@ -38,7 +42,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pixelwise.data import FolderDataset, eval_transform, open_dataset, train_transform
-from pixelwise.data.scribbles import ScribbleDataset, is_scribble_folder, open_scribbles, simulated_scribbles
+from pixelwise.data.scribbles import (
+    STROKE_OFFSET,
+    ScribbleDataset,
+    is_scribble_folder,
+    open_scribbles,
+    simulated_scribbles,
+)
 from pixelwise.inference import predict
 from pixelwise.io import atomic_write_text, read_image, read_mask, write_mask
 from pixelwise.losses import CrossEntropyLoss, PartialCrossEntropyLoss
@@ -61,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     # ScribbleSup graph
     "superpixel_size": 100,
     "pairwise_weight": 10.0,
+    "stroke_weight": 0.0,  # > 0: partial CE on the strokes beside CE on the propagated labels
     # regularized loss
     "reg_weight": 1.0,
     "reg_scale": 0.5,
@@ -83,7 +94,39 @@ def scribble_options(task_args: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"task_args.rounds={opts['rounds']!r} must be a whole number >= 1")
     if opts["first_round"] not in FIRST_ROUNDS:
         raise ValueError(f"task_args.first_round={opts['first_round']!r}: use one of {', '.join(FIRST_ROUNDS)}")
+    if not isinstance(opts["stroke_weight"], (int, float)) or opts["stroke_weight"] < 0:
+        raise ValueError(f"task_args.stroke_weight={opts['stroke_weight']!r} must be a number >= 0")
     return opts
+
+
+class LabelsAndStrokesLoss(nn.Module):
+    """Cross-entropy on propagated labels plus ``stroke_weight`` x partial cross-entropy on the strokes.
+
+    The target (N, H, W) is packed by :class:`~pixelwise.data.scribbles.ScribbleDataset` with
+    ``mark_strokes``: ``STROKE_OFFSET + c`` on a stroke pixel of class c, the propagated label
+    elsewhere. Each term is a mean over its own pixels, so the strokes keep their weight
+    however few they are.
+
+    Args:
+        stroke_weight: weight of the strokes' term.
+        ignore_index: target value of pixels without a label.
+        weight: per-class weights (K,) of the labels' term, or None.
+    """
+
+    def __init__(self, stroke_weight: float, ignore_index: int, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.stroke_weight = stroke_weight
+        self.labels_loss = CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
+        self.strokes_loss = PartialCrossEntropyLoss(unlabeled_index=ignore_index)
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of logits (N, K, H, W) against the packed target (N, H, W)."""
+        strokes = target >= STROKE_OFFSET
+        labels = torch.where(strokes, target - STROKE_OFFSET, target)
+        return self.labels_loss(logits, labels) + self.stroke_weight * self.strokes_loss(
+            logits, torch.where(strokes, labels, torch.full_like(labels, self.ignore_index))
+        )
 
 
 def propagation_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -135,11 +178,17 @@ class ScribbleTask(SemanticTask):
     def _criterion(self, cfg: Any, train_set: Any) -> nn.Module:
         method, ignore = self.opts["method"], train_set.ignore_index
         if method == "scribblesup":
-            return CrossEntropyLoss(ignore_index=ignore)
+            return self._labels_criterion(None, ignore)
         if method == "regularized":
             o = self.opts
             return RegularizedLoss(o["reg_weight"], ignore, o["reg_scale"], o["reg_radius"], o["reg_sigma_xy"], o["reg_sigma_rgb"])
         return PartialCrossEntropyLoss(unlabeled_index=ignore)
+
+    def _labels_criterion(self, weights: torch.Tensor | None, ignore: int) -> nn.Module:
+        """ScribbleSup's loss on a round's labels (class ``weights`` (K,) or None)."""
+        if self.opts["stroke_weight"] > 0:
+            return LabelsAndStrokesLoss(self.opts["stroke_weight"], ignore, weights)
+        return CrossEntropyLoss(weight=weights, ignore_index=ignore)
 
     def _unit_images(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised inputs (N, C, H, W) back to [0, 1] units for the regulariser's colour kernel."""
@@ -208,8 +257,9 @@ class ScribbleTask(SemanticTask):
         model.train(was_training)
         if self.cfg.class_weights is not None:  # class balance of the labels this round trains on
             weights = class_weights(self.cfg, train_set, k, masks=labels)
-            self.criterion = CrossEntropyLoss(weight=weights, ignore_index=ignore).to(self.device)
+            self.criterion = self._labels_criterion(weights, ignore).to(self.device)
         train_set.labels, self.round = (None if strokes_only else labels), round_
+        train_set.mark_strokes = self.opts["stroke_weight"] > 0 and not strokes_only
         record: dict[str, Any] = {"round": round_, "epoch": epoch, "images": len(labels),
                                   "labelled_fraction": marked / max(pixels, 1), "propagated": not strokes_only}
         if train_set.dense is not None and not strokes_only:
