@@ -213,3 +213,19 @@ def test_scribblesup_stroke_weight_packs_strokes_and_adds_their_partial_ce(shape
     assert (target[marked] == STROKE_OFFSET + strokes[marked]).all()
     assert (target[~marked] == train_set.labels[0][~marked]).all() and (target[~marked] < 4).all()
     assert isinstance(task.criterion, LabelsAndStrokesLoss) and task.criterion.stroke_weight == 0.5
+
+
+def test_scribblesup_time_budget_rounds_follow_the_trained_seconds_so_a_resumed_run_keeps_its_round(shapes, tmp_path):
+    from pixelwise.models import create_model
+    from pixelwise.tasks import get_task
+
+    cfg = _config(shapes, tmp_path, "scribblesup", rounds=3, superpixel_size=30)
+    cfg.max_minutes = 1.0  # 20 s per round
+    task = get_task("scribbles")
+    train_set, _ = task.datasets(cfg)
+    model = create_model("unet", num_classes=4, base_channels=4, depth=2)
+    task.setup(cfg, train_set, model, torch.device("cpu"))
+    task.start_epoch(7, model, train_set, trained_seconds=45.0)  # e.g. the first epoch after --resume
+    assert task.round == 3 and [r["round"] for r in json.loads((tmp_path / "propagation.json").read_text())] == [3]
+    task.start_epoch(8, model, train_set, trained_seconds=59.0)  # same round: no new propagation
+    assert task.round == 3 and not (tmp_path / "propagation" / "round2").exists()

@@ -410,7 +410,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     while epoch <= total_epochs:
         epoch_start = time.monotonic()
         _seed_everything(cfg.seed * 1000 + epoch * 10 + rank, train_set)
-        task.start_epoch(epoch, scored, train_set)
+        task.start_epoch(epoch, scored, train_set, trained_before + epoch_start - started)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         mine = order[rank::world][:per_rank].tolist()
         loader = DataLoader(

@@ -81,8 +81,9 @@ class Task:
         """Scalar loss of one batch."""
         raise NotImplementedError
 
-    def start_epoch(self, epoch: int, model: nn.Module, train_set: Dataset) -> None:
-        """Hook before every epoch (e.g. ScribbleSup's label propagation between rounds)."""
+    def start_epoch(self, epoch: int, model: nn.Module, train_set: Dataset, trained_seconds: float = 0.0) -> None:
+        """Hook before every epoch (e.g. ScribbleSup's label propagation between rounds); ``trained_seconds``:
+        the run's training time so far, the earlier parts of a resumed run included."""
 
     def evaluate(self, model: nn.Module, dataset: Dataset, **options: Any) -> Any:
         """Score ``model`` on ``dataset``: an :class:`pixelwise.evaluation.EvalResult`."""

@@ -5,7 +5,8 @@ Methods (``task_args.method``):
 - ``partial_ce``: cross-entropy on the scribbled pixels only.
 - ``scribblesup``: ScribbleSup (Lin et al., CVPR 2016): training is split into ``rounds``
   equal rounds (of ``epochs``, or of ``max_minutes`` when a time budget is set: a round
-  starts at the first epoch after its share of the budget); each round starts by propagating the scribbles over each training
+  starts at the first epoch after its share of the budget has been trained, a resumed run's
+  earlier parts included); each round starts by propagating the scribbles over each training
   image's superpixel graph (:func:`pixelwise.weak.propagate_labels`, with the network's
   predictions averaged per superpixel), then trains with cross-entropy on the propagated
   labels (weighted by ``class_weights`` computed from them, if given). Round 1 has no
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,6 @@ class ScribbleTask(SemanticTask):
         self.mean, self.std, self.scales = cfg.mean, cfg.std, tuple(cfg.val_scales)
         self.round_epochs = math.ceil(cfg.epochs / self.opts["rounds"])
         self.round_seconds = None if cfg.max_minutes is None else 60 * cfg.max_minutes / self.opts["rounds"]
-        self.started = time.monotonic()
         self.round = 0
         self.graphs: dict[int, Any] = {}
         super().setup(cfg, train_set, model, device)
@@ -211,14 +210,14 @@ class ScribbleTask(SemanticTask):
             for key, logits in outputs.items()
         )
 
-    def start_epoch(self, epoch: int, model: nn.Module, train_set: Any) -> None:
+    def start_epoch(self, epoch: int, model: nn.Module, train_set: Any, trained_seconds: float = 0.0) -> None:
         """ScribbleSup: at the first epoch of each round, propagate the scribbles anew."""
         if self.opts["method"] != "scribblesup":
             return
         if self.round_seconds is None:
             round_ = (epoch - 1) // self.round_epochs + 1
         else:
-            round_ = int((time.monotonic() - self.started) // self.round_seconds) + 1
+            round_ = int(trained_seconds // self.round_seconds) + 1
         round_ = min(round_, self.opts["rounds"])
         if round_ != self.round:  # also after --resume mid-round: propagate with the current network
             self.propagate(round_, model, train_set, epoch)
