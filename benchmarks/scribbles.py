@@ -17,9 +17,10 @@ median-frequency class weights as in ``benchmarks/camvid.py``); partial CE on th
 mIoU at the round's last epoch; ``--first-round scribbles`` trains round 1 on the strokes
 alone instead of appearance-propagated labels, ``--scribblesup-weights median_frequency``
 weighs each round's labels by their class frequencies, ``--stroke-weight W`` adds W x partial
-CE on the strokes to each propagated round's loss); the regularized loss.
+CE on the strokes to each propagated round's loss, ``--min-confidence P`` leaves superpixels
+propagated with a probability below P unlabelled); the regularized loss.
 Columns: labelled fraction of the training pixels, propagated-label mIoU against the true
-train masks (ScribbleSup rounds, measured at the start of the round), val mIoU (last epoch,
+train masks (ScribbleSup rounds, measured at the start of the round, on the pixels they label), val mIoU (last epoch,
 half-resolution val, 11 classes, void ignored), ratio to the better full-mask row.
 Goal (issue 11; ScribbleSup on VOC: 63.1 vs 68.5 with masks, 92%): ScribbleSup >= 90% and
 regularized >= 95% of the full-mask mIoU, propagated labels improving over the rounds.
@@ -86,6 +87,8 @@ def main() -> None:
                         help="ScribbleSup: class weights computed from each round's propagated labels")
     parser.add_argument("--stroke-weight", type=float, default=0.0,
                         help="ScribbleSup: weight of partial CE on the strokes beside CE on the propagated labels")
+    parser.add_argument("--min-confidence", type=float, default=0.0,
+                        help="ScribbleSup: leave unmarked superpixels propagated with a lower probability unlabelled")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--threads", type=int, default=None)
@@ -125,7 +128,7 @@ def main() -> None:
             task_args = {"method": row}
             if row == "scribblesup":
                 task_args.update(rounds=args.rounds, superpixel_size=args.superpixel_size, first_round=args.first_round,
-                                 stroke_weight=args.stroke_weight)
+                                 stroke_weight=args.stroke_weight, min_confidence=args.min_confidence)
             weights = args.scribblesup_weights if row == "scribblesup" else None
             cfg = TrainConfig(data=str(scribbles), task="scribbles", task_args=task_args, class_weights=weights, **common)
         started = time.monotonic()
@@ -142,6 +145,8 @@ def main() -> None:
             end = rounds[r + 1]["epoch"] - 1 if r + 1 < len(rounds) else history[-1]["epoch"]
             at = next(h for h in history if h["epoch"] == end)
             strokes = "" if record["propagated"] else " (on the strokes)"
+            if record.get("propagated_fraction", 1.0) < 1.0:
+                strokes = f" (labels on {100 * record['propagated_fraction']:.0f}% of the pixels)"
             rows.append((f"ScribbleSup round {record['round']}{strokes}", fraction, record.get("mean_iou"), at["val_mean_iou"], end,
                          minutes if r + 1 == len(rounds) else None))
 

@@ -86,6 +86,7 @@ def _config(data, out, method, **task_args):
 @pytest.mark.parametrize("task_args, match", [({"method": "boxes"}, "method"), ({"rounds": 0}, "rounds"),
                                               ({"first_round": "masks"}, "first_round"),
                                               ({"stroke_weight": -1}, "stroke_weight"),
+                                              ({"min_confidence": 2}, "min_confidence"),
                                               ({"colour": 1}, "unknown task_args colour")])
 def test_scribble_task_rejects_bad_options(task_args, match):
     from pixelwise.tasks.scribbles import scribble_options
@@ -229,3 +230,24 @@ def test_scribblesup_time_budget_rounds_follow_the_trained_seconds_so_a_resumed_
     assert task.round == 3 and [r["round"] for r in json.loads((tmp_path / "propagation.json").read_text())] == [3]
     task.start_epoch(8, model, train_set, trained_seconds=59.0)  # same round: no new propagation
     assert task.round == 3 and not (tmp_path / "propagation" / "round2").exists()
+
+
+def test_scribblesup_min_confidence_leaves_unsure_superpixels_unlabelled_and_scores_the_rest(shapes, tmp_path):
+    from pixelwise.models import create_model
+    from pixelwise.tasks import get_task
+
+    def round_one(min_confidence):
+        cfg = _config(shapes, tmp_path / str(min_confidence), "scribblesup", rounds=2, superpixel_size=30,
+                      min_confidence=min_confidence)
+        task = get_task("scribbles")
+        train_set, _ = task.datasets(cfg)
+        model = create_model("unet", num_classes=4, base_channels=4, depth=2)
+        task.setup(cfg, train_set, model, torch.device("cpu"))
+        return task.propagate(1, model, train_set), train_set
+
+    every, _ = round_one(0.0)
+    sure, train_set = round_one(0.9)
+    assert every["propagated_fraction"] == 1.0 and sure["labelled_fraction"] < sure["propagated_fraction"] < 1.0
+    strokes = [train_set.read_pair(i)[1] for i in range(len(train_set))]
+    assert all((y[s != 255] != 255).all() for y, s in zip(train_set.labels, strokes))  # scribbled superpixels stay labelled
+    assert sure["mean_iou"] > every["mean_iou"]  # the confident part is the more accurate

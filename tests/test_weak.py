@@ -219,6 +219,27 @@ def test_round_one_propagation_fills_two_flat_regions_from_one_stroke_each():
     assert (labels == mask).mean() > 0.98
 
 
+def test_min_confidence_leaves_unsure_unmarked_superpixels_unlabelled():
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[:, :30] = (200, 30, 30)
+    image[:, 30:] = (30, 30, 200)
+    image = np.clip(image + np.random.default_rng(0).normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    scr = np.full((40, 60), 255, np.uint8)
+    scr[20, 10:15], scr[20, 45:50] = 0, 1
+    prob = np.empty((2, 40, 60))
+    prob[:, :, :30] = np.array([0.9, 0.1])[:, None, None]  # sure of the left half
+    prob[:, :, 30:] = np.array([0.45, 0.55])[:, None, None]  # unsure of the right half
+    graph = build_superpixel_graph(image, superpixel_size=40)
+    scribbled = np.isin(graph.segments, np.flatnonzero(scribbled_superpixels(graph.segments, scr, 2, 255) == 1))
+    full = propagate_labels(graph, scr, 2, 255, prob=prob)
+    assert (full[:, :30] == 0).all() and (full[:, 30:] == 1).all()
+    sure = propagate_labels(graph, scr, 2, 255, prob=prob, min_confidence=0.6)
+    assert (sure[:, :30] == 0).all()
+    assert (sure[scribbled] == 1).all() and (sure[:, 30:][~scribbled[:, 30:]] == 255).all()
+    with pytest.raises(ValueError, match="min_confidence"):
+        propagate_labels(graph, scr, 2, 255, prob=prob, min_confidence=1.5)
+
+
 # ---------------------------------------------------------------- regularized loss
 
 

@@ -18,6 +18,9 @@ Methods (``task_args.method``):
   loss of every propagated round (:class:`LabelsAndStrokesLoss`; not in the paper: the
   strokes are certain where the propagated labels are guesses, and they reach every region,
   thin ones included, so they keep a class balance the dense labels lose).
+  ``min_confidence`` > 0 leaves unmarked superpixels whose propagated class has a lower
+  probability (network or appearance model) unlabelled, instead of forcing a guess (not in
+  the paper either).
   Each round's labels are written to
   ``OUT/propagation/roundR/`` and scored in ``OUT/propagation.json`` (mIoU against the true
   masks when the data set has them); the report draws one overlay per propagated round.
@@ -72,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "superpixel_size": 100,
     "pairwise_weight": 10.0,
     "stroke_weight": 0.0,  # > 0: partial CE on the strokes beside CE on the propagated labels
+    "min_confidence": 0.0,  # > 0: unmarked superpixels less sure than this stay unlabelled
     # regularized loss
     "reg_weight": 1.0,
     "reg_scale": 0.5,
@@ -96,6 +100,8 @@ def scribble_options(task_args: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"task_args.first_round={opts['first_round']!r}: use one of {', '.join(FIRST_ROUNDS)}")
     if not isinstance(opts["stroke_weight"], (int, float)) or opts["stroke_weight"] < 0:
         raise ValueError(f"task_args.stroke_weight={opts['stroke_weight']!r} must be a number >= 0")
+    if not isinstance(opts["min_confidence"], (int, float)) or not 0 <= opts["min_confidence"] <= 1:
+        raise ValueError(f"task_args.min_confidence={opts['min_confidence']!r} must be a number in [0, 1]")
     return opts
 
 
@@ -233,7 +239,7 @@ class ScribbleTask(SemanticTask):
         to_tensor = eval_transform(mean=self.mean, std=self.std)
         was_training = model.training
         model.eval()
-        labels, marked, pixels = [], 0, 0
+        labels, marked, kept, pixels = [], 0, 0, 0
         score = ConfusionMatrix(k, ignore)
         for i in range(len(train_set)):
             image, scribbles = train_set.read_pair(i)
@@ -248,11 +254,15 @@ class ScribbleTask(SemanticTask):
             if round_ > 1:
                 x = to_tensor(image, scribbles)[0][None].to(self.device)
                 prob = predict(model, x, scales=self.scales)[0].float().cpu().numpy()
-            y = propagate_labels(self.graphs[i], scribbles, k, ignore, prob=prob, pairwise_weight=o["pairwise_weight"])
+            y = propagate_labels(self.graphs[i], scribbles, k, ignore, prob=prob, pairwise_weight=o["pairwise_weight"],
+                                 min_confidence=o["min_confidence"])
             labels.append(y.astype(np.uint8))
+            kept += int((y != ignore).sum())
             truth = train_set.true_mask(i)
-            if truth is not None:
-                score.update(torch.from_numpy(y)[None], torch.from_numpy(truth)[None])
+            if truth is not None:  # scored where the labels are
+                unlabelled = y == ignore
+                score.update(torch.from_numpy(np.where(unlabelled, 0, y))[None],
+                             torch.from_numpy(np.where(unlabelled, ignore, truth))[None])
         model.train(was_training)
         if self.cfg.class_weights is not None:  # class balance of the labels this round trains on
             weights = class_weights(self.cfg, train_set, k, masks=labels)
@@ -261,6 +271,8 @@ class ScribbleTask(SemanticTask):
         train_set.mark_strokes = self.opts["stroke_weight"] > 0 and not strokes_only
         record: dict[str, Any] = {"round": round_, "epoch": epoch, "images": len(labels),
                                   "labelled_fraction": marked / max(pixels, 1), "propagated": not strokes_only}
+        if not strokes_only:
+            record["propagated_fraction"] = kept / max(pixels, 1)
         if train_set.dense is not None and not strokes_only:
             m = score.compute()
             record.update({"mean_iou": m["mean_iou"], "pixel_accuracy": m["pixel_accuracy"]})
