@@ -14,10 +14,10 @@ simulated once from the train masks (``OUT/scribbles``,
 :func:`pixelwise.data.scribbles.write_scribble_dataset`) and shared by the scribble rows.
 Rows: full masks (plain cross-entropy, the loss of the scribble rows, and with
 median-frequency class weights as in ``benchmarks/camvid.py``); partial CE on the strokes; ScribbleSup after each of its rounds (val
-mIoU at the round's last epoch; ``--first-round scribbles`` trains round 1 on the strokes
-alone instead of appearance-propagated labels, ``--scribblesup-weights median_frequency``
-weighs each round's labels by their class frequencies, ``--stroke-weight W`` adds W x partial
-CE on the strokes to each propagated round's loss, ``--min-confidence P`` leaves superpixels
+mIoU at the round's last epoch; the task's defaults: round 1 on the strokes alone and
+partial CE on the strokes beside each propagated round's labels; ``--first-round appearance
+--stroke-weight 0`` is the paper's form, ``--scribblesup-weights median_frequency`` weighs each
+round's labels by their class frequencies, ``--min-confidence P`` leaves superpixels
 propagated with a probability below P unlabelled); the regularized loss.
 Columns: labelled fraction of the training pixels, propagated-label mIoU against the true
 train masks (ScribbleSup rounds, measured at the start of the round, on the pixels they label), val mIoU (last epoch,
@@ -81,11 +81,11 @@ def main() -> None:
     parser.add_argument("--min-area", type=int, default=50, help="regions smaller than this get no stroke")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--superpixel-size", type=int, default=100, help="ScribbleSup: mean pixels per superpixel")
-    parser.add_argument("--first-round", default="appearance", choices=["appearance", "scribbles"],
+    parser.add_argument("--first-round", default="scribbles", choices=["appearance", "scribbles"],
                         help="ScribbleSup round 1: labels propagated with appearance models, or the strokes alone")
     parser.add_argument("--scribblesup-weights", default=None, choices=["median_frequency"],
                         help="ScribbleSup: class weights computed from each round's propagated labels")
-    parser.add_argument("--stroke-weight", type=float, default=0.0,
+    parser.add_argument("--stroke-weight", type=float, default=1.0,
                         help="ScribbleSup: weight of partial CE on the strokes beside CE on the propagated labels")
     parser.add_argument("--min-confidence", type=float, default=0.0,
                         help="ScribbleSup: leave unmarked superpixels propagated with a lower probability unlabelled")

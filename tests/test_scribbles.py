@@ -134,7 +134,8 @@ def test_scribblesup_rounds_propagate_score_and_report(shapes, tmp_path):
     from pixelwise.training import train, write_run_report
     from pixelwise.weak import build_superpixel_graph, propagate_labels
 
-    cfg = _config(shapes, tmp_path / "run", "scribblesup", rounds=2, superpixel_size=30, density=0.5)
+    cfg = _config(shapes, tmp_path / "run", "scribblesup", rounds=2, superpixel_size=30, density=0.5,
+                  first_round="appearance", stroke_weight=0.0)  # the paper's form
     result = train(cfg, progress=False)
     metrics = write_run_report(result["run_dir"], cfg, result["history"])
     rounds = json.loads((tmp_path / "run" / "propagation.json").read_text())
@@ -174,10 +175,10 @@ def test_scribblesup_first_round_on_the_strokes_then_class_weights_of_each_round
 
     task.start_epoch(1, model, train_set)  # round 1 (epoch 1 of 2): the strokes alone
     assert train_set.labels is None and (task.collate([train_set[0]])[1] != 255).float().mean() < 0.3
-    assert torch.allclose(task.criterion.weight, weights_of(strokes))
+    assert torch.allclose(task.criterion.labels_loss.weight, weights_of(strokes))
     task.start_epoch(2, model, train_set)  # round 2: propagated with the network's predictions
     assert len(train_set.labels) == 8 and all((y != 255).all() for y in train_set.labels)
-    assert torch.allclose(task.criterion.weight, weights_of(train_set.labels))
+    assert torch.allclose(task.criterion.labels_loss.weight, weights_of(train_set.labels))
     assert not torch.allclose(weights_of(strokes), weights_of(train_set.labels))
     rounds = json.loads((tmp_path / "propagation.json").read_text())
     assert [(r["round"], r["propagated"], "mean_iou" in r) for r in rounds] == [(1, False, False), (2, True, True)]
@@ -238,7 +239,7 @@ def test_scribblesup_min_confidence_leaves_unsure_superpixels_unlabelled_and_sco
 
     def round_one(min_confidence):
         cfg = _config(shapes, tmp_path / str(min_confidence), "scribblesup", rounds=2, superpixel_size=30,
-                      min_confidence=min_confidence)
+                      first_round="appearance", min_confidence=min_confidence)
         task = get_task("scribbles")
         train_set, _ = task.datasets(cfg)
         model = create_model("unet", num_classes=4, base_channels=4, depth=2)
