@@ -252,3 +252,32 @@ def test_scribblesup_min_confidence_leaves_unsure_superpixels_unlabelled_and_sco
     strokes = [train_set.read_pair(i)[1] for i in range(len(train_set))]
     assert all((y[s != 255] != 255).all() for y, s in zip(train_set.labels, strokes))  # scribbled superpixels stay labelled
     assert sure["mean_iou"] > every["mean_iou"]  # the confident part is the more accurate
+
+
+def test_scribblesup_resumed_round_keeps_its_first_epoch_and_a_fresh_run_clears_stale_rounds(shapes, tmp_path):
+    from pixelwise.models import create_model
+    from pixelwise.tasks import get_task
+
+    cfg = _config(shapes, tmp_path, "scribblesup", rounds=2, superpixel_size=30)
+    cfg.epochs = 4  # round 2 starts at epoch 3
+
+    def started_task():
+        task = get_task("scribbles")
+        train_set, _ = task.datasets(cfg)
+        model = create_model("unet", num_classes=4, base_channels=4, depth=2)
+        task.setup(cfg, train_set, model, torch.device("cpu"))
+        return task, model, train_set
+
+    def recorded():
+        return [(r["round"], r["epoch"]) for r in json.loads((tmp_path / "propagation.json").read_text())]
+
+    task, model, train_set = started_task()
+    for epoch in (1, 2, 3):
+        task.start_epoch(epoch, model, train_set)
+    assert recorded() == [(1, 1), (2, 3)]
+    task, model, train_set = started_task()  # --resume after epoch 3: round 2 is propagated again at epoch 4
+    task.start_epoch(4, model, train_set)
+    assert task.round == 2 and recorded() == [(1, 1), (2, 3)]
+    task, model, train_set = started_task()  # a new run in the same folder
+    task.start_epoch(1, model, train_set)
+    assert recorded() == [(1, 1)] and not (tmp_path / "propagation" / "round2").exists()

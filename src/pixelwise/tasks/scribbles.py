@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,9 @@ class ScribbleTask(SemanticTask):
         """ScribbleSup: at the first epoch of each round, propagate the scribbles anew."""
         if self.opts["method"] != "scribblesup":
             return
+        if epoch == 1 and self.round == 0 and self._is_writer():  # a fresh run: an earlier run's rounds here are stale
+            (self.run_dir / f"{PROPAGATION}.json").unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / PROPAGATION, ignore_errors=True)
         if self.round_seconds is None:
             round_ = (epoch - 1) // self.round_epochs + 1
         else:
@@ -243,6 +247,7 @@ class ScribbleTask(SemanticTask):
         was_training = model.training
         model.eval()
         labels, marked, kept, pixels = [], 0, 0, 0
+        dtype = np.uint8 if max(k, ignore) < 256 else np.uint16
         score = ConfusionMatrix(k, ignore)
         for i in range(len(train_set)):
             image, scribbles = train_set.read_pair(i)
@@ -259,7 +264,7 @@ class ScribbleTask(SemanticTask):
                 prob = predict(model, x, scales=self.scales)[0].float().cpu().numpy()
             y = propagate_labels(self.graphs[i], scribbles, k, ignore, prob=prob, pairwise_weight=o["pairwise_weight"],
                                  min_confidence=o["min_confidence"])
-            labels.append(y.astype(np.uint8))
+            labels.append(y.astype(dtype))
             kept += int((y != ignore).sum())
             truth = train_set.true_mask(i)
             if truth is not None:  # scored where the labels are
@@ -279,9 +284,14 @@ class ScribbleTask(SemanticTask):
         if train_set.dense is not None and not strokes_only:
             m = score.compute()
             record.update({"mean_iou": m["mean_iou"], "pixel_accuracy": m["pixel_accuracy"]})
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        if self._is_writer():
             self._write_round(round_, None if strokes_only else labels, train_set, record)
         return record
+
+    @staticmethod
+    def _is_writer() -> bool:
+        """True on the process that writes files (rank 0, or the only one)."""
+        return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
     def _write_round(self, round_: int, labels: list[np.ndarray] | None, train_set: ScribbleDataset,
                      record: dict[str, Any]) -> None:
@@ -297,11 +307,14 @@ class ScribbleTask(SemanticTask):
                 stem = Path(image_path).stem
                 write_mask(folder / f"{stem}.png", y, train_set.palette)
                 if i < 4:
-                    scribbles = train_set.read_pair(i)[1].astype(np.uint8)
+                    scribbles = train_set.read_pair(i)[1].astype(y.dtype)
                     write_mask(scribble_dir / f"{stem}.png", scribbles, train_set.palette)
                     shown.append({"image": str(image_path), "scribbles": str(scribble_dir / f"{stem}.png"),
                                   "labels": str(folder / f"{stem}.png")})
         record["shown"] = shown
+        earlier = [r for r in propagation_rounds(self.run_dir) if r["round"] == round_]
+        if earlier:  # resumed inside the round: it began at the earlier record's epoch
+            record["epoch"] = earlier[0]["epoch"]
         rounds = [r for r in propagation_rounds(self.run_dir) if r["round"] != round_] + [record]
         atomic_write_text(self.run_dir / f"{PROPAGATION}.json", json.dumps(sorted(rounds, key=lambda r: r["round"]), indent=2))
 
