@@ -312,10 +312,11 @@ class ScribbleTask(SemanticTask):
                     shown.append({"image": str(image_path), "scribbles": str(scribble_dir / f"{stem}.png"),
                                   "labels": str(folder / f"{stem}.png")})
         record["shown"] = shown
-        earlier = [r for r in propagation_rounds(self.run_dir) if r["round"] == round_]
+        rounds = propagation_rounds(self.run_dir)
+        earlier = [r for r in rounds if r["round"] == round_]
         if earlier:  # resumed inside the round: it began at the earlier record's epoch
             record["epoch"] = earlier[0]["epoch"]
-        rounds = [r for r in propagation_rounds(self.run_dir) if r["round"] != round_] + [record]
+        rounds = [r for r in rounds if r["round"] != round_] + [record]
         atomic_write_text(self.run_dir / f"{PROPAGATION}.json", json.dumps(sorted(rounds, key=lambda r: r["round"]), indent=2))
 
     def write_report(self, out: str | Path, result: Any, dataset: Any) -> dict[str, Any]:
