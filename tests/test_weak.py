@@ -206,11 +206,17 @@ def test_scribbled_superpixels_keep_their_class_against_the_network():
     assert (labels[~np.isin(graph.segments, np.flatnonzero(seeds >= 0))] == 0).mean() > 0.9
 
 
-def test_round_one_propagation_fills_two_flat_regions_from_one_stroke_each():
+def _two_flat_regions() -> np.ndarray:
+    """(40, 60, 3) image: red left half, blue right half, light noise."""
     image = np.zeros((40, 60, 3), np.uint8)
     image[:, :30] = (200, 30, 30)
     image[:, 30:] = (30, 30, 200)
     image = np.clip(image + np.random.default_rng(0).normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    return image
+
+
+def test_round_one_propagation_fills_two_flat_regions_from_one_stroke_each():
+    image = _two_flat_regions()
     mask = np.zeros((40, 60), np.uint8)
     mask[:, 30:] = 1
     scr = np.full(mask.shape, 255, np.uint8)
@@ -220,10 +226,7 @@ def test_round_one_propagation_fills_two_flat_regions_from_one_stroke_each():
 
 
 def test_min_confidence_leaves_unsure_unmarked_superpixels_unlabelled():
-    image = np.zeros((40, 60, 3), np.uint8)
-    image[:, :30] = (200, 30, 30)
-    image[:, 30:] = (30, 30, 200)
-    image = np.clip(image + np.random.default_rng(0).normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    image = _two_flat_regions()
     scr = np.full((40, 60), 255, np.uint8)
     scr[20, 10:15], scr[20, 45:50] = 0, 1
     prob = np.empty((2, 40, 60))

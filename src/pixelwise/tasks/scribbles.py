@@ -281,9 +281,9 @@ class ScribbleTask(SemanticTask):
                                   "labelled_fraction": marked / max(pixels, 1), "propagated": not strokes_only}
         if not strokes_only:
             record["propagated_fraction"] = kept / max(pixels, 1)
-        if train_set.dense is not None and not strokes_only:
-            m = score.compute()
-            record.update({"mean_iou": m["mean_iou"], "pixel_accuracy": m["pixel_accuracy"]})
+            if train_set.dense is not None:
+                m = score.compute()
+                record.update({"mean_iou": m["mean_iou"], "pixel_accuracy": m["pixel_accuracy"]})
         if self._is_writer():
             self._write_round(round_, None if strokes_only else labels, train_set, record)
         return record
