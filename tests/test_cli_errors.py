@@ -2,8 +2,9 @@
 ``error: ...`` on stderr naming the file or argument, no traceback, nothing written.
 
 The mistakes share one tiny data set and model made once. Each runs ``pixelwise.cli.main``
-(what the console script calls) in its own process, forked after one torch import; the bare
-``python -m pixelwise.cli`` start is checked separately (no arguments, an unknown command).
+(what the console script calls) in its own process, forked after one torch import
+(``cli_runner``); the bare ``python -m pixelwise.cli`` start is checked separately (no
+arguments, an unknown command).
 """
 
 from __future__ import annotations
@@ -11,18 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import assert_one_error_line, run_cases, run_cli, tree
 
 from pixelwise.data import write_synthetic_dataset
 from pixelwise.io import atomic_write_text
 from pixelwise.models import create_model, save_model
-
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 # (case id, arguments, text the error line must contain). In the arguments {root} is the
 # fixture folder, {out} a fresh output path of the case that must still be absent afterwards.
@@ -71,70 +68,6 @@ CASES = [
 ]
 
 
-def _tree(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
-
-
-ENV = {**os.environ, "PYTHONPATH": str(SRC)}
-
-# Runs ``pixelwise.cli.main`` once per argument list (JSON on stdin), each in its own forked
-# process that ends as the interpreter would (exit code, excepthook traceback), with its
-# stdout and stderr in files: one torch import for all cases instead of one per case.
-FORKING_RUNNER = r"""
-import json, os, shutil, sys, tempfile
-import pixelwise.cli
-
-
-def child(args, out, err):
-    os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT), 1)
-    os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT), 2)
-    sys.argv = ["pixelwise", *args]
-    code = 1
-    try:
-        pixelwise.cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-cases, folder, codes, running = json.load(sys.stdin), tempfile.mkdtemp(), {}, {}
-files = [(os.path.join(folder, f"{i}.out"), os.path.join(folder, f"{i}.err")) for i in range(len(cases))]
-for i, args in enumerate(cases + [None] * 4):
-    if len(running) >= 4 or args is None and running:
-        pid, status = os.wait()
-        codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-    if args is not None:
-        pid = os.fork()
-        if pid == 0:
-            child(args, *files[i])
-        running[pid] = i
-results = [[codes[i], open(o).read(), open(e).read()] for i, (o, e) in enumerate(files)]
-shutil.rmtree(folder)
-print(json.dumps(results))
-"""
-
-
-def run_cli(*args: str, umask: int = 0o022) -> subprocess.CompletedProcess:
-    """The real entry point on this checkout's sources, in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "pixelwise.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=ENV, umask=umask)
-
-
-def run_cli_forked(cases: list[list[str]]) -> list[subprocess.CompletedProcess]:
-    """``pixelwise.cli.main`` on each argument list, each in its own process (see FORKING_RUNNER)."""
-    proc = subprocess.run([sys.executable, "-c", FORKING_RUNNER], input=json.dumps(cases), capture_output=True,
-                          text=True, timeout=600, env=ENV)
-    assert proc.returncode == 0, proc.stderr
-    return [subprocess.CompletedProcess(args, code, out, err) for args, (code, out, err) in
-            zip(cases, json.loads(proc.stdout))]
-
-
 @pytest.fixture(scope="module")
 def fixture_root(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("mistakes")
@@ -163,27 +96,15 @@ def fixture_root(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def results(fixture_root, tmp_path_factory) -> dict:
     """Run every case once, in parallel; also snapshot the fixture folder around the runs."""
-    outs = tmp_path_factory.mktemp("outs")
-    before = _tree(fixture_root["root"])
-
-    out_paths, arg_lists = [], []
-    for name, args, _ in CASES:
-        out_paths.append(outs / name.replace(" ", "_").replace("/", "_"))
-        values = {**{k: str(v) for k, v in fixture_root.items()}, "out": str(out_paths[-1])}
-        arg_lists.append([a.format(**values) for a in args])
-    ran = dict(zip((c[0] for c in CASES), zip(run_cli_forked(arg_lists), out_paths)))
-    return {"ran": ran, "before": before, "after": _tree(fixture_root["root"])}
+    before = tree(fixture_root["root"])
+    ran = run_cases(CASES, fixture_root, tmp_path_factory.mktemp("outs"))
+    return {"ran": ran, "before": before, "after": tree(fixture_root["root"])}
 
 
 @pytest.mark.parametrize(("name", "args", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_mistake_is_one_error_line_with_exit_code_2_and_writes_nothing(results, name, args, expected) -> None:
     proc, out = results["ran"][name]
-    lines = proc.stderr.splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert expected in lines[0], lines[0]
-    assert "Traceback" not in proc.stdout + proc.stderr
-    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    assert_one_error_line(proc, expected, out)
 
 
 def test_mistakes_leave_the_inputs_untouched(results) -> None:
